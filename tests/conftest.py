@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-init models built in memory, and synthetic images."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CONNECTORS = ["linear", "mlp", "qformer", "perceiver"]
+TOWERS = ["clip", "siglip"]
+LLMS = ["llama", "qwen2"]
+
+
+@functools.cache
+def _build(tower: str, llm: str, connector: str, seed: int = 0):
+    from vlm.build import build_base_model
+
+    model, processor = build_base_model(tower, llm, connector, seed=seed)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def build():
+    """build(tower, llm, connector) -> (model, processor); cached, so tests must not mutate the model's weights."""
+    return _build
+
+
+def solid(colour, size=32):
+    return Image.new("RGB", (size, size), colour)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [solid((255, 0, 0)), solid((0, 0, 255), 48), solid((0, 200, 0), 64)]
+
+
+def chat(processor, question: str, n_images: int = 1) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

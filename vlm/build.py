@@ -1,0 +1,187 @@
+"""`vlm init`: assemble a base checkpoint (tower + fresh connector + LLM) from presets or pretrained parts."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    set_seed,
+)
+
+from .config import VLMConfig
+from .connectors import connector_config_from_dict, get_connector_class
+from .model import VLMForConditionalGeneration
+from .presets import LLM_PRESETS, TOWER_PRESETS
+from .processing import VLMProcessor
+from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, get_template
+from .tokenizer import train_bpe_tokenizer
+from .towers import load_tower, tower_spec
+
+log = logging.getLogger(__name__)
+
+TINY_VOCAB_SIZE = 512
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    """Text the tiny tokenizer learns from: the synthetic captions/QA plus the chat scaffolding."""
+    from .data.synth import corpus_texts
+
+    scaffolding = ["system", "user", "assistant", "You are a helpful assistant.", "Describe the image."]
+    return corpus_texts(seed=seed) + scaffolding
+
+
+def resolve_vision(tower: str, **overrides) -> tuple[PretrainedConfig, PreTrainedModel | None, str | None]:
+    """(vision config, pretrained tower or None for a preset, source id recorded in config.json)."""
+    if tower in TOWER_PRESETS:
+        return TOWER_PRESETS[tower].build_config(**overrides), None, None
+    model = load_tower(tower)
+    return model.config, model, str(tower)
+
+
+def resolve_llm(llm: str) -> tuple[PretrainedConfig, PreTrainedModel | None, str | None]:
+    if llm in LLM_PRESETS:
+        return LLM_PRESETS[llm].build_config(), None, None
+    model = AutoModelForCausalLM.from_pretrained(str(llm))
+    return model.config, model, str(llm)
+
+
+def image_processor_for(tower: str, vision_config: PretrainedConfig):
+    """The tower's own preprocessing when its checkpoint ships one, else the registry default for its family."""
+    if tower not in TOWER_PRESETS:
+        try:
+            return AutoImageProcessor.from_pretrained(str(tower), backend="pil")
+        except (OSError, ValueError):
+            log.info(
+                "no image processor config with %s; using the %s default", tower, vision_config.model_type
+            )
+    return tower_spec(vision_config).image_processor(vision_config.image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer(seed: int):
+    return train_bpe_tokenizer(tokenizer_corpus(seed), vocab_size=TINY_VOCAB_SIZE)
+
+
+def prepare_tokenizer(llm: str, seed: int):
+    """A locally trained BPE for tiny presets; a pretrained LLM's own tokenizer plus our special tokens otherwise."""
+    if llm in LLM_PRESETS:
+        return copy.deepcopy(_tiny_tokenizer(seed))  # cached: training takes seconds, callers may mutate
+    tokenizer = AutoTokenizer.from_pretrained(str(llm))
+    missing = [t for t in (IMAGE_TOKEN, IM_START, IM_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def connector_dict(connector: str | dict[str, Any], tiny: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """A connector name (registry defaults, tiny overrides for tiny parts) or a parsed YAML preset, plus options."""
+    if isinstance(connector, dict):
+        values = dict(connector)
+    else:
+        values = {"type": connector}
+        if tiny:
+            values.update(get_connector_class(connector).tiny_overrides)
+    values.update(options)
+    return connector_config_from_dict(values).to_dict()
+
+
+def build_base_model(
+    tower: str,
+    llm: str,
+    connector: str | dict[str, Any],
+    seed: int = 0,
+    connector_options: dict[str, Any] | None = None,
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str | None = None,
+) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
+    set_seed(seed)
+    vision_config, tower_model, tower_source = resolve_vision(tower)
+    text_config, llm_model, llm_source = resolve_llm(llm)
+    tokenizer = prepare_tokenizer(llm, seed)
+    tiny = tower in TOWER_PRESETS and llm in LLM_PRESETS
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer)) if llm_model else len(tokenizer)
+    for name in ("bos", "eos", "pad"):
+        setattr(text_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+
+    config = VLMConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        connector=connector_dict(connector, tiny, connector_options or {}),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_tower_name_or_path=tower_source,
+        text_model_name_or_path=llm_source,
+    )
+    set_seed(seed)
+    model = VLMForConditionalGeneration(config)
+    if tower_model is not None:
+        model.vision_tower.load_state_dict(tower_model.state_dict())
+    if llm_model is not None:
+        llm_model.resize_token_embeddings(len(tokenizer))
+        model.language_model.load_state_dict(llm_model.state_dict())
+    model.generation_config = generation_config_for(tokenizer)
+
+    processor = VLMProcessor(
+        image_processor=image_processor_for(tower, vision_config),
+        tokenizer=tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        chat_template=get_template(DEFAULT_CHAT_TEMPLATE).jinja,
+    )
+    return model, processor
+
+
+def generation_config_for(tokenizer) -> GenerationConfig:
+    stops = [tokenizer.eos_token_id] + [
+        tokenizer.convert_tokens_to_ids(t) for t in get_template(DEFAULT_CHAT_TEMPLATE).stop_tokens
+    ]
+    return GenerationConfig(
+        eos_token_id=sorted(set(stops)),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=False,
+    )
+
+
+def save_checkpoint(model: VLMForConditionalGeneration, processor: VLMProcessor, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def text_head_dim(text_config: PretrainedConfig) -> int:
+    return (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+
+
+def describe(model: VLMForConditionalGeneration) -> dict[str, Any]:
+    cfg = model.config
+    counts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("vision_tower", "connector", "language_model")
+    }
+    return {
+        "tower": cfg.vision_config.model_type,
+        "llm": cfg.text_config.model_type,
+        "connector": cfg.connector["type"],
+        "image_tokens": cfg.num_image_tokens,
+        "parameters": counts,
+        "head_dim": text_head_dim(cfg.text_config),
+    }

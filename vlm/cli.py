@@ -1,0 +1,156 @@
+"""The `vlm` command line. Each subcommand lives in the module that does the work; this file only wires them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .presets import LLM_PRESETS, TOWER_PRESETS
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs with YAML-typed values (`depth=3` -> 3, `bias=false` -> False)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: expected key=value, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def connector_arg(value: str) -> str | dict[str, Any]:
+    """A registered connector name, or a YAML preset file such as connectors/qformer.yaml."""
+    path = Path(value)
+    if path.suffix in {".yaml", ".yml"}:
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"connector preset {value} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if not isinstance(loaded, dict):
+            raise argparse.ArgumentTypeError(f"connector preset {value} must be a YAML mapping")
+        return loaded
+    return value
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .build import build_base_model, describe, save_checkpoint
+
+    model, processor = build_base_model(
+        tower=args.tower,
+        llm=args.llm,
+        connector=args.connector,
+        seed=args.seed,
+        connector_options=parse_options(args.connector_opt),
+        vision_feature_layer=args.feature_layer,
+        vision_feature_select_strategy=args.select_strategy,
+    )
+    out = save_checkpoint(model, processor, args.out)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(json.dumps({"checkpoint": str(out), "bytes": size, **describe(model)}, indent=2))
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from .budget import format_budget, token_budget
+    from .connectors import available_connectors
+
+    connectors = available_connectors() if args.connector == "all" else args.connector.split(",")
+    llm = args.llm or ("llama" if TOWER_PRESETS[args.tower].tiny else "llama-7b")
+    rows = token_budget(args.tower, llm, connectors, image_size=args.image_size, context=args.context)
+    size = args.image_size or TOWER_PRESETS[args.tower].params["image_size"]
+    print(format_budget(rows, f"visual token budget: tower {args.tower} at {size}px, LLM {llm}"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import VLMForConditionalGeneration, VLMProcessor
+    from .export import export_llava_hf
+
+    model = VLMForConditionalGeneration.from_pretrained(args.checkpoint)
+    processor = VLMProcessor.from_pretrained(args.checkpoint)
+    out = export_llava_hf(model, processor, args.out)
+    print(f"wrote a {args.to} checkpoint to {out}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="convert a checkpoint to another format")
+    p.add_argument("checkpoint", help="our checkpoint directory")
+    p.add_argument(
+        "--to", choices=["llava-hf"], required=True, help="llava-hf: stock LlavaForConditionalGeneration"
+    )
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+
+def add_init_parser(sub) -> None:
+    p = sub.add_parser("init", help="build a random-init base checkpoint from presets or pretrained parts")
+    p.add_argument(
+        "--tower", default="clip", help=f"preset ({', '.join(TOWER_PRESETS)}) or hub id / local path"
+    )
+    p.add_argument("--llm", default="llama", help=f"preset ({', '.join(LLM_PRESETS)}) or hub id / local path")
+    p.add_argument(
+        "--connector", type=connector_arg, default="mlp", help="connector name or YAML preset file"
+    )
+    p.add_argument(
+        "--connector-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a connector parameter",
+    )
+    p.add_argument("--feature-layer", type=int, default=-2, help="tower hidden state feeding the connector")
+    p.add_argument(
+        "--select-strategy",
+        choices=["default", "full"],
+        default=None,
+        help="default: drop CLS (tower default)",
+    )
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+
+def add_tokens_parser(sub) -> None:
+    p = sub.add_parser("tokens", help="print visual tokens per image and their share of the LLM context")
+    p.add_argument("--tower", default="clip-vit-l-14-336", choices=list(TOWER_PRESETS))
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the tower's)")
+    p.add_argument("--connector", default="all", help="connector name(s), comma-separated, or 'all'")
+    p.add_argument("--llm", default=None, choices=list(LLM_PRESETS), help="LLM preset for the context length")
+    p.add_argument("--context", type=int, default=None, help="context length (default: the LLM's)")
+    p.set_defaults(func=cmd_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.cli import add_parser as add_data_parser
+
+    parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_init_parser(sub)
+    add_tokens_parser(sub)
+    add_export_parser(sub)
+    add_data_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:  # user errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""MLP connector (LLaVA-1.5 `mlp2x_gelu`): Linear, then (GELU, Linear) x (depth - 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .base import Connector, ConnectorConfig
+from .registry import register_connector
+
+
+@dataclasses.dataclass
+class MLPConfig(ConnectorConfig):
+    depth: int = 2
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ValueError(f"mlp connector depth must be >= 1, got {self.depth}")
+
+
+@register_connector("mlp")
+class MLPConnector(Connector):
+    config_class = MLPConfig
+
+    def __init__(self, config: MLPConfig, vision_hidden_size: int, text_hidden_size: int, num_patches: int):
+        super().__init__(config, vision_hidden_size, text_hidden_size, num_patches)
+        layers: list[nn.Module] = [nn.Linear(vision_hidden_size, text_hidden_size, bias=config.bias)]
+        for _ in range(config.depth - 1):
+            layers += [nn.GELU(), nn.Linear(text_hidden_size, text_hidden_size, bias=config.bias)]
+        # Index layout for depth 2 (proj.0, proj.2) maps one-to-one onto Llava's linear_1/linear_2.
+        self.proj = nn.Sequential(*layers)
+
+    @classmethod
+    def num_tokens(cls, config: MLPConfig, num_patches: int) -> int:
+        return num_patches
+
+    def forward(self, features):
+        return self.proj(features)

@@ -1,0 +1,54 @@
+"""Connector registry: name -> Connector subclass. New connectors register with `@register_connector`."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from .base import Connector, ConnectorConfig
+
+_CONNECTORS: dict[str, type[Connector]] = {}
+
+
+def register_connector(name: str):
+    def decorator(cls: type[Connector]) -> type[Connector]:
+        if name in _CONNECTORS and _CONNECTORS[name] is not cls:
+            raise ValueError(f"connector {name!r} is already registered by {_CONNECTORS[name].__qualname__}")
+        cls.config_class.type = name
+        _CONNECTORS[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_connectors() -> list[str]:
+    return sorted(_CONNECTORS)
+
+
+def get_connector_class(name: str) -> type[Connector]:
+    if name not in _CONNECTORS:
+        hint = difflib.get_close_matches(name, _CONNECTORS, n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"unknown connector {name!r}; available: {', '.join(available_connectors())}.{suggestion}"
+        )
+    return _CONNECTORS[name]
+
+
+def connector_config_from_dict(values: dict[str, Any]) -> ConnectorConfig:
+    """Parse a connector section ({"type": name, **params}) into its typed config."""
+    if "type" not in values:
+        raise ValueError(f"connector config needs a 'type' key (one of {', '.join(available_connectors())})")
+    return get_connector_class(values["type"]).config_class.from_dict(values)
+
+
+def build_connector(
+    config: ConnectorConfig, vision_hidden_size: int, text_hidden_size: int, num_patches: int
+) -> Connector:
+    cls = get_connector_class(config.type)
+    return cls(
+        config,
+        vision_hidden_size=vision_hidden_size,
+        text_hidden_size=text_hidden_size,
+        num_patches=num_patches,
+    )

@@ -1,0 +1,105 @@
+"""`vlm data synth` and `vlm data check`. Wired into vlm/cli.py with `add_parser(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import records, synth
+
+
+def _sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in value.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one image size")
+    return sizes
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    try:
+        paths = synth.generate(
+            args.out,
+            args.n,
+            seed=args.seed,
+            n_eval=args.n_eval,
+            image_sizes=args.sizes,
+            progress=not args.quiet,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
+    print(f"wrote synthetic data to {paths['root']}")
+    print(
+        f"  images: {manifest['n_train_images']} train, {manifest['n_eval_images']} eval (seed {args.seed})"
+    )
+    for name, info in manifest["files"].items():
+        print(f"  {paths[name]}: {info['records']} records")
+    print(f"  {paths['manifest']}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    all_ok = True
+    for file in args.files:
+        if not Path(file).is_file():
+            print(f"{file}: no such file", file=sys.stderr)
+            all_ok = False
+            continue
+        report = records.check_file(file, image_root=args.image_root, verify_images=not args.no_images)
+        shown = report.problems if args.max_errors <= 0 else report.problems[: args.max_errors]
+        for problem in shown:
+            print(report.format_problem(problem))
+        if len(shown) < len(report.problems):
+            print(f"... {len(report.problems) - len(shown)} more problem(s) not shown (--max-errors)")
+        print(report.summary())
+        all_ok &= report.ok
+    return 0 if all_ok else 1
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `data` with its `synth` and `check` subcommands; each sets `func(args) -> int`."""
+    data = subparsers.add_parser("data", help="generate synthetic data, check LLaVA record files")
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,check}")
+    sub.required = True
+
+    p = sub.add_parser("synth", help="write the synthetic shapes dataset (images + LLaVA JSONL)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (the image root)")
+    p.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-eval", type=int, default=None, help="held-out images (default max(n // 10, 50))")
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=synth.DEFAULT_IMAGE_SIZES,
+        help="comma-separated image sides in px, one drawn per image (default 32,48,64)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("check", help="validate LLaVA conversation .jsonl/.json files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--image-root", type=Path, default=None, help="image root (default: the file's directory)")
+    p.add_argument(
+        "--max-errors", type=int, default=50, help="problems printed per file; 0 = all (default 50)"
+    )
+    p.add_argument("--no-images", action="store_true", help="skip image existence/readability checks")
+    p.set_defaults(func=cmd_check)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: `python -m vlm.data.cli data check FILE`."""
+    parser = argparse.ArgumentParser(prog="vlm")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

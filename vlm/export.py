@@ -1,0 +1,86 @@
+"""Export to other ecosystems' formats. `llava-hf`: a stock `LlavaForConditionalGeneration` checkpoint, for the
+MLP connector (depth 2) on a CLIP/SigLIP tower, which tools that know Llava load unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from .model import VLMForConditionalGeneration
+from .processing import VLMProcessor
+from .towers import tower_spec
+
+# Our parameter prefixes -> transformers' Llava prefixes.
+_LLAVA_PREFIXES = (
+    ("vision_tower.", "model.vision_tower."),
+    ("connector.proj.0.", "model.multi_modal_projector.linear_1."),
+    ("connector.proj.2.", "model.multi_modal_projector.linear_2."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+def check_llava_compatible(model: VLMForConditionalGeneration) -> None:
+    connector = model.config.connector
+    if connector["type"] != "mlp" or connector.get("depth") != 2:
+        raise ValueError(
+            f"llava-hf export needs the mlp connector with depth 2 (Llava's projector); this checkpoint has {connector}"
+        )
+
+
+def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
+    check_llava_compatible(model)
+    cfg = model.config
+    return LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(),
+        text_config=cfg.text_config.to_dict(),
+        image_token_index=cfg.image_token_index,
+        image_seq_length=cfg.num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        multimodal_projector_bias=bool(cfg.connector.get("bias", True)),
+        tie_word_embeddings=cfg.text_config.tie_word_embeddings,
+    )
+
+
+def llava_state_dict(model: VLMForConditionalGeneration) -> dict[str, torch.Tensor]:
+    check_llava_compatible(model)
+    mapped = {}
+    for name, tensor in model.state_dict().items():
+        for ours, theirs in _LLAVA_PREFIXES:
+            if name.startswith(ours):
+                mapped[theirs + name[len(ours) :]] = tensor
+                break
+        else:
+            raise ValueError(f"no llava-hf name for parameter {name!r}")
+    return mapped
+
+
+def to_llava_hf(model: VLMForConditionalGeneration) -> LlavaForConditionalGeneration:
+    llava = LlavaForConditionalGeneration(llava_config(model)).to(model.dtype)
+    missing, unexpected = llava.load_state_dict(llava_state_dict(model), strict=False)
+    # Tied lm_head is the only key allowed to be absent.
+    missing = [k for k in missing if not (k == "lm_head.weight" and llava.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"llava-hf export mismatch: missing {missing}, unexpected {unexpected}")
+    return llava.eval()
+
+
+def export_llava_hf(model: VLMForConditionalGeneration, processor: VLMProcessor, out: str | Path) -> Path:
+    out = Path(out)
+    to_llava_hf(model).save_pretrained(out)
+    vision = model.config.vision_config
+    LlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(tower_spec(vision).has_cls_token),
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
+    ).save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    return out

@@ -1,0 +1,167 @@
+"""`VLMForConditionalGeneration`: frozen vision tower -> connector -> decoder LLM, as one `PreTrainedModel`.
+
+The embedding merge follows transformers' `modeling_llava.py`: the prompt carries N placeholder ids per image and
+the connector's N output vectors replace them in order (row-major over the batch), so batches may mix samples with
+and without images, hold several images per sample, and be padded on either side.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import VLMConfig
+from .connectors import Connector, build_connector
+from .towers import build_tower, select_features, tower_spec
+
+
+class VLMPreTrainedModel(PreTrainedModel):
+    config_class = VLMConfig
+    config: VLMConfig
+    base_model_prefix = "vlm"  # not an attribute: the whole model is the base model
+    input_modalities = ("image", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Raw parameters (query tokens, latents, position embeddings) that no generic init rule covers.
+        if isinstance(module, Connector) and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: VLMConfig):
+        super().__init__(config)
+        self.vision_tower = build_tower(config.vision_config)
+        self.connector: Connector = build_connector(
+            config.connector_config,
+            vision_hidden_size=config.vision_config.hidden_size,
+            text_hidden_size=config.text_config.hidden_size,
+            num_patches=config.num_patches,
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._has_cls = tower_spec(config.vision_config).has_cls_token
+        self.freeze_vision_tower()
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_vision_tower()  # loading swaps in fresh Parameters, which default to requires_grad=True
+        return model
+
+    # -- parts -------------------------------------------------------------------------------------------------
+    def freeze_vision_tower(self) -> None:
+        """The tower is frozen in every stage of this stack (it is trained contrastively, elsewhere)."""
+        self.vision_tower.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    # -- images ------------------------------------------------------------------------------------------------
+    def get_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Selected tower hidden states (n_images, P, Dv); no autograd graph while the tower is frozen."""
+        tower = self.vision_tower
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            out = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
+        return select_features(
+            out.hidden_states,
+            self.config.vision_feature_layer,
+            self.config.vision_feature_select_strategy,
+            self._has_cls,
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LLM-space embeddings of each image: (n_images, num_image_tokens, D_llm)."""
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be (n_images, channels, height, width), got shape {tuple(pixel_values.shape)}"
+            )
+        return self.connector(self.get_tower_features(pixel_values))
+
+    def merge_image_embeds(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Write image i's embeddings over the i-th run of placeholders (row-major over the batch)."""
+        mask = input_ids == self.config.image_token_index
+        n_placeholders = int(mask.sum())
+        n_images, tokens_per_image = image_embeds.shape[:2]
+        if n_placeholders != n_images * tokens_per_image:
+            raise ValueError(
+                f"image placeholders and images do not match: the input holds {n_placeholders} placeholder "
+                f"tokens ({n_placeholders / tokens_per_image:g} images at {tokens_per_image} tokens each) but "
+                f"{n_images} images were given; expand each <image> into {tokens_per_image} placeholder ids "
+                f"(VLMProcessor does this)"
+            )
+        image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
+
+    def _check_no_stray_placeholders(self, input_ids: torch.Tensor, past_key_values) -> None:
+        # During cached decoding a generated token may equal the placeholder id; only prefill must be clean.
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return
+        n = int((input_ids == self.config.image_token_index).sum())
+        if n:
+            raise ValueError(
+                f"image placeholders and images do not match: the input holds {n} placeholder tokens "
+                f"({n / self.config.num_image_tokens:g} images at {self.config.num_image_tokens} tokens each) "
+                f"but 0 images were given"
+            )
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if pixel_values is not None:
+                image_embeds = self.get_image_features(pixel_values)
+                inputs_embeds = self.merge_image_embeds(input_ids, inputs_embeds, image_embeds)
+            else:
+                self._check_no_stray_placeholders(input_ids, past_key_values)
+        elif pixel_values is not None:
+            raise ValueError(
+                "pixel_values need input_ids to locate the image placeholders, not inputs_embeds"
+            )
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )

@@ -1,0 +1,117 @@
+"""Named tower and LLM configs: tiny random-init ones for offline work and tests, and real-size ones for
+token budgets and benchmarks (built on the meta device, without weights).
+
+Anything that is not a preset name is treated as a hub id or a local path and goes through `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transformers import PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    model_type: str
+    params: dict[str, Any]
+    tiny: bool  # tiny presets get a locally trained tokenizer and the connectors' tiny overrides
+    note: str = ""
+
+    def build_config(self, **overrides) -> PretrainedConfig:
+        return CONFIG_MAPPING[self.model_type](**{**self.params, **overrides})
+
+
+_TINY_VISION = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+)
+
+TOWER_PRESETS: dict[str, Preset] = {
+    "clip": Preset(
+        "clip_vision_model", _TINY_VISION, tiny=True, note="tiny CLIP: 32 px, patch 8, 16 patches"
+    ),
+    "siglip": Preset(
+        "siglip_vision_model", _TINY_VISION, tiny=True, note="tiny SigLIP: 32 px, patch 8, 16 patches"
+    ),
+    "clip-vit-l-14-336": Preset(
+        "clip_vision_model",
+        dict(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            projection_dim=768,
+        ),
+        tiny=False,
+        note="openai/clip-vit-large-patch14-336 (LLaVA-1.5)",
+    ),
+    "siglip-so400m-14-384": Preset(
+        "siglip_vision_model",
+        dict(
+            image_size=384,
+            patch_size=14,
+            hidden_size=1152,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            intermediate_size=4304,
+        ),
+        tiny=False,
+        note="google/siglip-so400m-patch14-384",
+    ),
+}
+
+# head_dim 64 (>= 32): vLLM's CPU attention only supports certain head sizes.
+_TINY_TEXT = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+LLM_PRESETS: dict[str, Preset] = {
+    "llama": Preset(
+        "llama", {**_TINY_TEXT, "num_key_value_heads": 2}, tiny=True, note="tiny Llama, head_dim 64"
+    ),
+    "qwen2": Preset(
+        "qwen2", {**_TINY_TEXT, "num_key_value_heads": 1}, tiny=True, note="tiny Qwen2 (GQA), head_dim 64"
+    ),
+    "llama-7b": Preset(
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+        tiny=False,
+        note="Llama-2/Vicuna-7B shape (LLaVA-1.5)",
+    ),
+    "qwen2-7b": Preset(
+        "qwen2",
+        dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+        ),
+        tiny=False,
+        note="Qwen2-7B shape",
+    ),
+}
