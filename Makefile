@@ -27,7 +27,7 @@ bootstrap: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" numpy
 	@$(BIN)/python -c "import torch, shutil, sys; gpu = shutil.which('nvidia-smi'); \
 	  sys.exit(0 if gpu or torch.version.cuda is None else 'a CUDA torch was installed on a machine without a GPU: set TORCH to a CPU wheel')"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
