@@ -70,21 +70,32 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import VLMForConditionalGeneration, VLMProcessor
-    from .export import export_llava_hf
+    from .build import save_checkpoint
+    from .export import export_llava_hf, merge_lora
 
-    model = VLMForConditionalGeneration.from_pretrained(args.checkpoint)
-    processor = VLMProcessor.from_pretrained(args.checkpoint)
-    out = export_llava_hf(model, processor, args.out)
+    if args.merge_lora:
+        model, processor = merge_lora(args.checkpoint)
+    else:
+        model = VLMForConditionalGeneration.from_pretrained(args.checkpoint)
+        processor = VLMProcessor.from_pretrained(args.checkpoint)
+    if args.to == "llava-hf":
+        out = export_llava_hf(model, processor, args.out)
+    else:
+        out = save_checkpoint(model, processor, args.out)
     print(f"wrote a {args.to} checkpoint to {out}")
     return 0
 
 
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="convert a checkpoint to another format")
-    p.add_argument("checkpoint", help="our checkpoint directory")
+    p = sub.add_parser("export", help="merge a LoRA adapter and/or convert a checkpoint to another format")
+    p.add_argument("checkpoint", help="our checkpoint directory, or a LoRA adapter directory with --merge-lora")
     p.add_argument(
-        "--to", choices=["llava-hf"], required=True, help="llava-hf: stock LlavaForConditionalGeneration"
+        "--to",
+        choices=["vlm", "llava-hf"],
+        default="vlm",
+        help="vlm: our format (default); llava-hf: stock LlavaForConditionalGeneration (mlp connector)",
     )
+    p.add_argument("--merge-lora", action="store_true", help="merge the adapter into its base checkpoint")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -128,7 +139,10 @@ def add_tokens_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .caption import add_caption_parser
     from .data.cli import add_parser as add_data_parser
+    from .serve import add_serve_parser
+    from .train.launch import add_train_parser
 
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -137,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokens_parser(sub)
     add_export_parser(sub)
     add_data_parser(sub)
+    add_serve_parser(sub)
+    add_caption_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

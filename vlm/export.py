@@ -84,3 +84,22 @@ def export_llava_hf(model: VLMForConditionalGeneration, processor: VLMProcessor,
     ).save_pretrained(out)
     model.generation_config.save_pretrained(out)
     return out
+
+
+def merge_lora(adapter_dir: str | Path, base: str | Path | None = None):
+    """Load the base checkpoint in fp32, apply a LoRA adapter (with its trained connector) and merge it in.
+
+    Returns (plain VLMForConditionalGeneration, processor): the result has no peft modules and saves as an
+    ordinary checkpoint that `from_pretrained` and the serving engine load.
+    """
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    model = VLMForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.config.use_cache = True
+    merged.freeze_vision_tower()
+    return merged, VLMProcessor.from_pretrained(str(adapter_dir))

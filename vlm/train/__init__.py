@@ -1,0 +1,1 @@
+"""Training: recipes, freeze policy, data pipeline, the DeepSpeed loop and its launcher."""

@@ -1,0 +1,245 @@
+"""Training recipes: typed dataclasses loaded from YAML, with `key=value` overrides on the command line.
+
+Unknown keys, wrong types and out-of-range values are errors that name the key (and suggest the nearest valid
+one), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written."""
+
+
+@dataclasses.dataclass
+class DataSource:
+    path: str
+    image_root: str | None = None  # default: the file's directory
+    weight: float = 1.0  # relative sampling weight when several sources are mixed
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise RecipeError(f"data source {self.path}: weight must be > 0, got {self.weight}")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    quantize_4bit: bool = False  # QLoRA: nf4 base weights with double quantization (bitsandbytes)
+
+    def __post_init__(self):
+        if self.r < 1 or self.alpha < 1:
+            raise RecipeError(f"lora.r and lora.alpha must be >= 1, got r={self.r}, alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
+class Recipe:
+    stage: Literal[1, 2]
+    model: str  # checkpoint to start from: a `vlm init` base, or stage 1's output for stage 2
+    output_dir: str
+    data: list[DataSource]
+    template: str = "chatml"  # chat template from vlm/templates.py: "plain" for stage 1, "chatml" for stage 2
+    tune: Literal["connector", "full", "lora"] = "connector"  # what learns besides the (always frozen) tower
+    init_connector_from: str | None = None  # a stage 1 checkpoint whose connector replaces the model's
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    deepspeed: str = "stages/zero2.json"
+    # optimisation
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    micro_batch_size: int = 16  # per process
+    global_batch_size: int = 64  # micro_batch_size x processes x gradient accumulation
+    lr: float = 1e-3
+    connector_lr: float | None = None  # a separate lr for the connector (LoRA recipes: 2e-5)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    gradient_clipping: float = 1.0
+    seed: int = 0
+    # model execution
+    max_length: int = 512
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    # data handling
+    group_by_length: bool = True
+    pack: bool = False  # several samples per row, attention blocked across them
+    on_bad_sample: Literal["raise", "skip"] = "raise"  # skip: count and report at the end
+    # bookkeeping
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def __post_init__(self):
+        positive = (
+            "epochs",
+            "micro_batch_size",
+            "global_batch_size",
+            "max_length",
+            "log_every",
+            "keep_checkpoints",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RecipeError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise RecipeError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.lr <= 0 or (self.connector_lr is not None and self.connector_lr <= 0):
+            raise RecipeError("learning rates must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RecipeError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_every < 0:
+            raise RecipeError(f"save_every must be >= 0, got {self.save_every}")
+        if not self.data:
+            raise RecipeError("data: at least one data source is needed")
+        if self.stage == 1 and self.tune != "connector":
+            raise RecipeError(
+                f"stage 1 trains only the connector; tune must be 'connector', got {self.tune!r}"
+            )
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise RecipeError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} x {world_size} processes"
+            )
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a (resolved) type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}"
+        )
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(f"{where}: {value!r} is not one of {list(allowed)}{suggestion}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) or not isinstance(value, list):
+            if dataclasses.is_dataclass(item_tp) and isinstance(value, dict):
+                value = [value]  # a single source may be written without the list
+            else:
+                raise RecipeError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if tp is DataSource and isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return build_dataclass(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
+        raise RecipeError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str = "recipe"):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(f"{where}: unknown key {key!r}{suggestion}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise RecipeError(f"{where}: missing required key(s) {', '.join(missing)}")
+    converted = {
+        k: _convert(v, hints[k], f"{where}.{k}" if where != "recipe" else k) for k, v in values.items()
+    }
+    try:
+        return cls(**converted)
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}" if where != "recipe" else str(err)) from None
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """`a.b=value` sets values["a"]["b"]; the value is parsed as YAML (`lr=2e-5`, `pack=true`, `data=[...]`)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {override!r} is not key=value")
+    parts = key.split(".")
+    target = values
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise RecipeError(f"override {override!r}: {part!r} is not a mapping")
+    target[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    for override in overrides:
+        apply_override(values, override)
+    try:
+        return build_dataclass(Recipe, values)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
