@@ -56,7 +56,9 @@ def test_sigkill_mid_run_then_resume_gives_exactly_one_line_per_image(tmp_path):
     cmd = [sys.executable, "-m", "vlm.cli", "caption", str(ckpt), "--images", str(images), "--out", str(out)]
     cmd += ["--batch-size", "4", "--max-tokens", "24", "--enforce-eager", "--dtype", "float32"]
 
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while len(_lines(out)) < 12 and first.poll() is None and time.monotonic() < deadline:

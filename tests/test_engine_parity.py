@@ -23,7 +23,12 @@ CHECKPOINTS = {  # connector -> (tower, llm)
     "qformer": ("siglip", "llama"),
     "perceiver": ("clip", "qwen2"),
 }
-QUESTIONS = ["what colour is the shape?", "how many shapes are there?", "where is the circle?", "describe it."]
+QUESTIONS = [
+    "what colour is the shape?",
+    "how many shapes are there?",
+    "where is the circle?",
+    "describe it.",
+]
 
 
 def _samples():
@@ -48,7 +53,9 @@ def test_vllm_greedy_matches_transformers(connector):
         images = [noise_image(image_seed + k) for k in range(n_images)]
         image_seed += n_images
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
         batch = processor(text=[prompt], images=images or None, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(
@@ -68,7 +75,12 @@ def test_vllm_greedy_matches_transformers(connector):
 
     set_engine_env()
     llm = LLM(
-        model=ckpt, dtype="float32", max_model_len=512, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 2}
+        model=ckpt,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+        limit_mm_per_prompt={"image": 2},
     )
     try:
         # Both sides stop on the checkpoint's generation_config stop tokens (</s>, <|im_end|>).
@@ -79,12 +91,19 @@ def test_vllm_greedy_matches_transformers(connector):
         del llm
         gc.collect()
 
-    for (question, n_images), (tokens, hf_logprobs), output in zip(_samples(), expected, outputs, strict=True):
+    for (question, n_images), (tokens, hf_logprobs), output in zip(
+        _samples(), expected, outputs, strict=True
+    ):
         got = list(output.outputs[0].token_ids)
         assert got == tokens, f"{connector}: {question!r} with {n_images} image(s): vLLM {got} != HF {tokens}"
         # Same distribution, not only the same argmax: the top-5 log-probs of the first step agree.
         for token_id, logprob in output.outputs[0].logprobs[0].items():
-            assert logprob.logprob == pytest.approx(float(hf_logprobs[token_id]), abs=2e-3), (connector, question)
+            assert logprob.logprob == pytest.approx(float(hf_logprobs[token_id]), abs=2e-3), (
+                connector,
+                question,
+            )
+    # Substantive: the sequences are mostly full length, not cut short by an early stop token.
+    assert sum(len(t) for t, _ in expected) >= len(expected) * MAX_TOKENS // 2
     # The image path is live: different pictures with the same question do not all give the same answer.
     single = [tuple(t) for (_, n), (t, _) in zip(_samples(), expected, strict=True) if n == 1]
-    assert len(set(single)) > 1 or connector in ("qformer",), f"{connector}: outputs ignore the images"
+    assert len(set(single)) > 1, f"{connector}: outputs ignore the images"

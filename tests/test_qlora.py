@@ -30,7 +30,9 @@ def _lora_grads(model) -> dict[str, float]:
 def test_qlora_gradients_reach_every_layer(tmp_path, images):
     base, processor = build_base_model("clip", "llama", "mlp", seed=0)
     save_checkpoint(base, processor, tmp_path / "base")
-    recipe = load_recipe("stages/stage2_qlora.yaml", [f"model={tmp_path / 'base'}", "lora.r=4", "lora.alpha=8"])
+    recipe = load_recipe(
+        "stages/stage2_qlora.yaml", [f"model={tmp_path / 'base'}", "lora.r=4", "lora.alpha=8"]
+    )
     model, processor = load_model_for_training(recipe, {"zero_optimization": {"stage": 2}}, "sdpa")
     import bitsandbytes as bnb
 

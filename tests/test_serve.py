@@ -55,11 +55,15 @@ class Server:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
             if self.healthy():
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}")
+        raise TimeoutError(
+            f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}"
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -92,7 +96,13 @@ def servers(tmp_path_factory, media_dir):
         "strict": Server("strict", ["--api-key", API_KEY, *limits], logs),
         "open": Server(
             "open",
-            ["--enforce-eager", "--allow-private-urls", "--allowed-local-media-path", str(media_dir / "allowed"), *limits],
+            [
+                "--enforce-eager",
+                "--allow-private-urls",
+                "--allowed-local-media-path",
+                str(media_dir / "allowed"),
+                *limits,
+            ],
             logs,
         ),
     }
@@ -127,7 +137,9 @@ def image_host(media_dir):
 
 
 def chat(client, urls, text="what colour is the shape?", model=MODEL, **kwargs):
-    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [
+        {"type": "text", "text": text}
+    ]
     return client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0.0, **kwargs
     )
@@ -199,7 +211,11 @@ BAD_INPUTS = {  # name -> (request kwargs, status, message fragment)
         400,
         "maximum context length",
     ),
-    "unknown model": ({"urls": [data_url(png_bytes(noise_image(6)))], "model": "gpt-4o"}, 404, "does not exist"),
+    "unknown model": (
+        {"urls": [data_url(png_bytes(noise_image(6)))], "model": "gpt-4o"},
+        404,
+        "does not exist",
+    ),
     "<image> typed in text": ({"urls": [], "text": "what is <image> here?"}, 400, "must not contain <image>"),
 }
 

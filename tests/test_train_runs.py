@@ -33,21 +33,42 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _cmd(recipe: str, out: Path, ws: Path, *overrides: str, procs: int = 1, resume: bool = False) -> list[str]:
+def _cmd(
+    recipe: str, out: Path, ws: Path, *overrides: str, procs: int = 1, resume: bool = False
+) -> list[str]:
     data = "caption_train" if "stage1" in recipe else "vqa_train"
-    cmd = [sys.executable, "-m", "vlm.cli", "train", f"stages/{recipe}.yaml", f"output_dir={out}",
-           f"data=[{ws / 'data' / (data + '.jsonl')}]", "micro_batch_size=8", "global_batch_size=16",
-           "log_every=1", *overrides, "--num-gpus", str(procs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlm.cli",
+        "train",
+        f"stages/{recipe}.yaml",
+        f"output_dir={out}",
+        f"data=[{ws / 'data' / (data + '.jsonl')}]",
+        "micro_batch_size=8",
+        "global_batch_size=16",
+        "log_every=1",
+        *overrides,
+        "--num-gpus",
+        str(procs),
+    ]
     return cmd + (["--resume"] if resume else [])
 
 
-def train(recipe: str, out: Path, ws: Path, *overrides: str, procs: int = 1, resume: bool = False, check=True):
+def train(
+    recipe: str, out: Path, ws: Path, *overrides: str, procs: int = 1, resume: bool = False, check=True
+):
     result = subprocess.run(
         _cmd(recipe, out, ws, *overrides, procs=procs, resume=resume),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and result.returncode != 0:
-        pytest.fail(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        pytest.fail(
+            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -79,7 +100,11 @@ def test_stage1_zero2_trains_only_the_connector(workspace, stage1):
     base = workspace / "base"
     assert_same(weights(final, "vision_tower."), weights(base, "vision_tower."))
     assert_same(weights(final, "language_model."), weights(base, "language_model."))
-    changed = [k for k, v in weights(final, "connector.").items() if not torch.equal(v, weights(base, "connector.")[k])]
+    changed = [
+        k
+        for k, v in weights(final, "connector.").items()
+        if not torch.equal(v, weights(base, "connector.")[k])
+    ]
     assert changed, "stage 1 did not change the connector"
     report = json.loads((stage1 / "train_report.json").read_text())
     assert report["steps"] == 6 and report["skipped_samples"] == {}
@@ -88,46 +113,92 @@ def test_stage1_zero2_trains_only_the_connector(workspace, stage1):
 def test_stage1_connector_loads_into_zero3_stage2(workspace, stage1):
     """LLaVA's "size mismatch torch.Size([0])": the hand-over must work on partitioned ZeRO-3 parameters."""
     out = workspace / "stage2_handover"
-    train("stage2", out, workspace, f"model={workspace / 'base'}", f"init_connector_from={stage1 / 'final'}",
-          "deepspeed=stages/zero3.json", "max_steps=1", "lr=1e-12", "warmup_ratio=0")
+    train(
+        "stage2",
+        out,
+        workspace,
+        f"model={workspace / 'base'}",
+        f"init_connector_from={stage1 / 'final'}",
+        "deepspeed=stages/zero3.json",
+        "max_steps=1",
+        "lr=1e-12",
+        "warmup_ratio=0",
+    )
     # With lr ~0 the weights after one step are the loaded ones: stage 1's connector, the base LLM.
     assert_same(weights(out / "final", "connector."), weights(stage1 / "final", "connector."), atol=1e-8)
-    assert_same(weights(out / "final", "language_model."), weights(workspace / "base", "language_model."), atol=1e-8)
+    assert_same(
+        weights(out / "final", "language_model."), weights(workspace / "base", "language_model."), atol=1e-8
+    )
 
 
 def test_handover_refuses_a_connector_from_another_model(workspace, stage1, tmp_path):
     model, processor = build_base_model("siglip", "llama", "mlp", seed=0)
     save_checkpoint(model, processor, tmp_path / "other")
-    result = train("stage2", tmp_path / "out", workspace, f"model={tmp_path / 'other'}",
-                   f"init_connector_from={stage1 / 'final'}", "max_steps=1", check=False)
+    result = train(
+        "stage2",
+        tmp_path / "out",
+        workspace,
+        f"model={tmp_path / 'other'}",
+        f"init_connector_from={stage1 / 'final'}",
+        "max_steps=1",
+        check=False,
+    )
     assert result.returncode != 0
     assert "vision_config differs" in result.stdout + result.stderr
 
 
 def test_lora_run_merges_into_a_plain_checkpoint(workspace, stage1, tmp_path):
     out = workspace / "lora"
-    train("stage2_lora", out, workspace, f"model={stage1 / 'final'}", "max_steps=3", "lora.r=4", "lora.alpha=8")
+    train(
+        "stage2_lora", out, workspace, f"model={stage1 / 'final'}", "max_steps=3", "lora.r=4", "lora.alpha=8"
+    )
     assert (out / "adapter" / "adapter_config.json").is_file()
     final = weights(out / "final", "")
     assert not any("lora_" in k for k in final), "the final checkpoint must be merged"
     merged_dir = tmp_path / "merged"
-    subprocess.run([sys.executable, "-m", "vlm.cli", "export", str(out / "adapter"), "--merge-lora", "--out",
-                    str(merged_dir)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlm.cli",
+            "export",
+            str(out / "adapter"),
+            "--merge-lora",
+            "--out",
+            str(merged_dir),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     assert_same(weights(merged_dir, ""), final)
-    assert not torch.equal(final["language_model.model.layers.0.self_attn.q_proj.weight"],
-                           weights(stage1 / "final", "")["language_model.model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        final["language_model.model.layers.0.self_attn.q_proj.weight"],
+        weights(stage1 / "final", "")["language_model.model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(workspace):
-    common = (f"model={workspace / 'base'}", "micro_batch_size=4", "global_batch_size=8", "epochs=3", "save_every=4")
+    common = (
+        f"model={workspace / 'base'}",
+        "micro_batch_size=4",
+        "global_batch_size=8",
+        "epochs=3",
+        "save_every=4",
+    )
     reference = workspace / "resume_ref"
     train("stage1", reference, workspace, *common)
     expected = losses(reference)
     assert len(expected) >= 24
 
     out = workspace / "resume_killed"
-    proc = subprocess.Popen(_cmd("stage1", out, workspace, *common), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd("stage1", out, workspace, *common),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 11):
         time.sleep(0.02)
@@ -145,15 +216,25 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(workspace):
 @pytest.fixture(scope="session")
 def one_process(workspace):
     out = workspace / "dp1"
-    train("stage2", out, workspace, f"model={workspace / 'base'}", "deepspeed=stages/zero2.json", "max_steps=4")
+    train(
+        "stage2", out, workspace, f"model={workspace / 'base'}", "deepspeed=stages/zero2.json", "max_steps=4"
+    )
     return losses(out)
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_match_one(workspace, one_process, zero):
     out = workspace / f"dp2_{zero}"
-    train("stage2", out, workspace, f"model={workspace / 'base'}", f"deepspeed=stages/{zero}.json", "max_steps=4",
-          "save_every=2", procs=2)
+    train(
+        "stage2",
+        out,
+        workspace,
+        f"model={workspace / 'base'}",
+        f"deepspeed=stages/{zero}.json",
+        "max_steps=4",
+        "save_every=2",
+        procs=2,
+    )
     assert losses(out) == pytest.approx(one_process, rel=0, abs=1e-5)
 
 
@@ -161,7 +242,23 @@ def test_resume_with_another_process_count_is_refused(workspace):
     out = workspace / "dp2_zero2"
     if not (out / "checkpoints").is_dir():
         train("stage2", out, workspace, f"model={workspace / 'base'}", "max_steps=4", "save_every=2", procs=2)
-    result = train("stage2", out, workspace, f"model={workspace / 'base'}", "max_steps=6", procs=1, resume=True,
-                   check=False)
+    result = train(
+        "stage2",
+        out,
+        workspace,
+        f"model={workspace / 'base'}",
+        "max_steps=6",
+        procs=1,
+        resume=True,
+        check=False,
+    )
     assert result.returncode != 0
     assert "written by 2 processes but this run has 1" in result.stdout + result.stderr
+
+
+def test_divergence_stops_with_step_and_batch_ids(workspace, tmp_path):
+    result = train("stage1", tmp_path / "diverge", workspace, f"model={workspace / 'base'}", "lr=1e30",
+                   "max_steps=6", "warmup_ratio=0", "gradient_clipping=0", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "loss is not finite at step" in text and "batch ids: train-" in text

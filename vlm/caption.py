@@ -141,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
         append_lines(
             out,
             [
-                {"path": path, "caption": o.outputs[0].text.strip(), "model": model_name, "prompt": args.prompt}
+                {
+                    "path": path,
+                    "caption": o.outputs[0].text.strip(),
+                    "model": model_name,
+                    "prompt": args.prompt,
+                }
                 for (path, _), o in zip(ok, outputs, strict=True)
             ],
         )
@@ -166,7 +171,9 @@ def add_caption_parser(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--batch-size", type=int, default=32, help="images per engine call (and per fsync)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--shard", default="0/1", metavar="I/N", help="caption only every N-th image from the I-th")
+    p.add_argument(
+        "--shard", default="0/1", metavar="I/N", help="caption only every N-th image from the I-th"
+    )
     p.add_argument("--retry-errors", action="store_true", help="retry images listed in the errors file")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")

@@ -5,7 +5,7 @@ A pure ASGI middleware (vLLM adds it through its `--middleware` option, outermos
 - refuses an unknown model name (404);
 - loads every `image_url` of a chat request under `vlm.media`'s policy (corrupt/truncated images, non-image
   data URLs, unsupported schemes, pixel bombs, file:// outside the allowed directory, private addresses) and
-  rewrites it as a `data:` URL, so vLLM never fetches a URL or opens a file itself;
+  rewrites http(s)/file URLs as `data:` URLs, so vLLM never fetches a URL or opens a file itself;
 - refuses more images than allowed, and `<image>` typed into text (it would silently act as a plain token);
 - refuses media on any other endpoint (images are served through /v1/chat/completions only).
 
@@ -88,20 +88,27 @@ def check_chat(body: dict[str, Any], config: GuardConfig) -> None:
                 continue
             kind = part.get("type")
             if kind == "text" and IMAGE_TOKEN in str(part.get("text", "")):
-                raise RequestError(400, f"text must not contain {IMAGE_TOKEN}; send images as image_url parts")
+                raise RequestError(
+                    400, f"text must not contain {IMAGE_TOKEN}; send images as image_url parts"
+                )
             elif kind == "image_url":
                 images.append(part)
             elif kind in MEDIA_PART_TYPES or kind in UNSUPPORTED_PART_TYPES:
-                raise RequestError(400, f"content part type {kind!r} is not supported; send images as image_url")
+                raise RequestError(
+                    400, f"content part type {kind!r} is not supported; send images as image_url"
+                )
     if len(images) > config.max_images:
         raise RequestError(
             400, f"the request has {len(images)} images; this server accepts at most {config.max_images}"
         )
     for i, part in enumerate(images):
+        url = _image_url(part)
         try:
-            data, image = load_image_url(_image_url(part), config.policy)
+            data, image = load_image_url(url, config.policy)
         except MediaError as err:
             raise RequestError(err.status, f"image {i + 1}: {err}") from None
+        if url.startswith("data:"):
+            continue  # vetted as it is; no need to re-encode
         value = part["image_url"]
         url = to_data_url(data, image)
         part["image_url"] = {**value, "url": url} if isinstance(value, dict) else {"url": url}
@@ -140,7 +147,9 @@ def check_request(path: str, body: Any, config: GuardConfig) -> None:
     elif _has_media(body):
         raise RequestError(400, "images are accepted on /v1/chat/completions only")
     elif _has_image_token(body.get("prompt")):
-        raise RequestError(400, f"the prompt must not contain {IMAGE_TOKEN}; send images to /v1/chat/completions")
+        raise RequestError(
+            400, f"the prompt must not contain {IMAGE_TOKEN}; send images to /v1/chat/completions"
+        )
 
 
 class MediaGuard:
@@ -165,7 +174,9 @@ class MediaGuard:
         if not path.startswith(GUARDED_PREFIXES) or scope.get("method") == "OPTIONS":
             return await self.app(scope, receive, send)
         if not self._authorized(scope):
-            return await error_response(401, "missing or wrong API key", "AuthenticationError")(scope, receive, send)
+            return await error_response(401, "missing or wrong API key", "AuthenticationError")(
+                scope, receive, send
+            )
         if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
 
@@ -177,9 +188,9 @@ class MediaGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > MAX_BODY_BYTES:
-                return await error_response(413, f"request body over {MAX_BODY_BYTES} bytes", "BadRequestError")(
-                    scope, receive, send
-                )
+                return await error_response(
+                    413, f"request body over {MAX_BODY_BYTES} bytes", "BadRequestError"
+                )(scope, receive, send)
             if not message.get("more_body"):
                 break
         raw = b"".join(chunks)

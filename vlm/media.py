@@ -97,7 +97,8 @@ def read_local(path: str | Path, policy: MediaPolicy) -> bytes:
     root = policy.allowed_local_media_path
     if not root:
         raise MediaError(
-            403, "file:// URLs are refused; start the server with --allowed-local-media-path DIR to allow a directory"
+            403,
+            "file:// URLs are refused; start the server with --allowed-local-media-path DIR to allow a directory",
         )
     real, real_root = os.path.realpath(path), os.path.realpath(root)
     if os.path.commonpath([real, real_root]) != real_root:
@@ -191,5 +192,7 @@ def load_image_url(url: str, policy: MediaPolicy) -> tuple[bytes, Image.Image]:
             raise MediaError(400, f"file:// URL names a remote host {parts.netloc!r}")
         data = read_local(urllib.request.url2pathname(parts.path), policy)
     else:
-        raise MediaError(400, f"unsupported image URL scheme {scheme or '(none)'!r}; use data:, http(s): or file:")
+        raise MediaError(
+            400, f"unsupported image URL scheme {scheme or '(none)'!r}; use data:, http(s): or file:"
+        )
     return data, decode_image(data, policy)

@@ -96,7 +96,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--served-model-name", default=None, help="model name clients use (default: directory name)")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name clients use (default: directory name)"
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the LLM's)")
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")

@@ -42,8 +42,8 @@ MIN_IMAGE_SIZE = 16  # below this a small shape is a couple of pixels and the qu
 FORMAT_VERSION = 1
 
 # Geometry as fractions of the image side, so a 64 px image resized to 32 px is the same picture.
-_HALF_EXTENT = {"small": 0.11, "large": 0.19}  # half the shape's bounding box
-_MARGIN = 0.03  # keeps every shape strictly inside its quadrant
+_HALF_EXTENT = {"small": 0.14, "large": 0.20}  # half the bounding box; small is still 9 px at 32 px
+_MARGIN = 0.05  # keeps every shape strictly inside its quadrant
 # Quadrant centres as (x, y) fractions, in QUADRANTS order.
 _QUADRANT_CENTRES = {
     "top left": (0.25, 0.25),
@@ -124,13 +124,20 @@ def _turns(pairs: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def _question_order(rng: random.Random, scene: Scene) -> list[str]:
-    order = ["colour", "shape", "count"]
+    order = ["colour", "shape", "count"] + (["position"] if scene.count == 1 else [])
     rng.shuffle(order)
-    if scene.count == 1:
-        # Only after the count turn: a position question earlier in the dialogue would reveal count == 1.
-        after = order.index("count") + 1
-        order.insert(rng.randint(after, len(order)), "position")
     return order
+
+
+def _dialogue(qa: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The training dialogue: position is asked only of single shapes, so a position turn before the count turn
+    would give the count away; such a dialogue drops its count question. Position must still come first
+    sometimes: eval asks it first, and a tiny LLM does not carry a skill to a distance from the image it never
+    saw in training."""
+    kinds = [qt for qt, _, _ in qa]
+    if "position" in kinds and kinds.index("position") < kinds.index("count"):
+        return [t for t in qa if t[0] != "count"]
+    return qa
 
 
 @dataclass
@@ -175,7 +182,11 @@ def _eval_fields(scene: Scene, answer: str, question_type: str) -> dict[str, Any
 
 def _train_records(scene: Scene, st: SceneText) -> tuple[dict, dict]:
     cap = {"id": scene.id, "image": scene.image, "conversations": _turns([(st.instruction, st.caption)])}
-    vqa = {"id": scene.id, "image": scene.image, "conversations": _turns((q, a) for _, q, a in st.qa)}
+    vqa = {
+        "id": scene.id,
+        "image": scene.image,
+        "conversations": _turns((q, a) for _, q, a in _dialogue(st.qa)),
+    }
     return cap, vqa
 
 

@@ -106,7 +106,9 @@ class VLMForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
         if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (images, channels, height, width), got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (images, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
         return self._image_embeddings(pixel_values)  # (images, num_image_tokens, hidden): one row per image
 
     # -- decoder -----------------------------------------------------------------------------------------------
@@ -120,7 +122,9 @@ class VLMForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
     ) -> torch.Tensor | IntermediateTensors:
         if intermediate_tensors is not None:
             inputs_embeds = None
-        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        return self.language_model.model(
+            input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.language_model.compute_logits(hidden_states)

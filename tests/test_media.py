@@ -1,0 +1,77 @@
+"""The untrusted-input rules of `vlm.media`, without a server (the end-to-end checks are in test_serve.py)."""
+
+from __future__ import annotations
+
+import pytest
+from vllm_helpers import data_url, noise_image, png_bytes
+
+from vlm.media import MediaError, MediaPolicy, decode_image, load_image_url, parse_data_url
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.9",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "[::1]",
+        "[fe80::1]",
+    ],
+)
+def test_non_public_addresses_are_refused_by_default(host):
+    with pytest.raises(MediaError, match="non-public address") as info:
+        load_image_url(f"http://{host}:9/x.png", MediaPolicy())
+    assert info.value.status == 403
+
+
+def test_private_addresses_are_fetched_when_switched_on():
+    # Allowed through the address check, the fetch itself then fails (nothing listens on port 9): a 400.
+    with pytest.raises(MediaError, match="could not fetch") as info:
+        load_image_url("http://127.0.0.1:9/x.png", MediaPolicy(allow_private_urls=True, fetch_timeout_s=2))
+    assert info.value.status == 400
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    big = png_bytes(noise_image(0, size=(4, 4)).resize((2000, 1000)))
+    with pytest.raises(MediaError, match="2000x1000") as info:
+        decode_image(big, MediaPolicy(max_image_pixels=1_000_000))
+    assert info.value.status == 413
+    assert decode_image(big, MediaPolicy()).size == (2000, 1000)
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("data:image/png;base64,@@@", "not valid base64"),
+        ("data:text/html;base64,PGI+", "only image/*"),
+        ("data:image/png;base64", "no ','"),
+        ("gopher://example.com/x", "unsupported image URL scheme"),
+        ("file://remote-host/etc/passwd", "remote host"),
+    ],
+)
+def test_malformed_urls(url, fragment):
+    with pytest.raises(MediaError, match=fragment):
+        load_image_url(url, MediaPolicy())
+
+
+def test_data_url_round_trip():
+    mime, data = parse_data_url(data_url(png_bytes(noise_image(1))))
+    assert mime == "image/png" and decode_image(data, MediaPolicy()).size == (40, 36)
+
+
+def test_local_files_confined_to_the_allowed_directory(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "ok.png").write_bytes(png_bytes(noise_image(2)))
+    (tmp_path / "secret.png").write_bytes(png_bytes(noise_image(3)))
+    (allowed / "link.png").symlink_to(tmp_path / "secret.png")
+    policy = MediaPolicy(allowed_local_media_path=str(allowed))
+    assert load_image_url((allowed / "ok.png").as_uri(), policy)[1].size == (40, 36)
+    for path in (tmp_path / "secret.png", allowed / "link.png"):
+        with pytest.raises(MediaError, match="outside the allowed media directory"):
+            load_image_url(path.as_uri(), policy)
+    with pytest.raises(MediaError, match="allowed-local-media-path"):
+        load_image_url((allowed / "ok.png").as_uri(), MediaPolicy())
