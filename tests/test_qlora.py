@@ -8,7 +8,6 @@ while the loss still falls. The check below fails in exactly that case.
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import chat
 
 pytest.importorskip("bitsandbytes")
