@@ -58,12 +58,12 @@ $(STAMP): pyproject.toml
 
 data: $(DATA)/manifest.json
 
-$(DATA)/manifest.json: $(STAMP)
+$(DATA)/manifest.json: | $(STAMP)
 	$(BIN)/vlm data synth --out $(DATA) --n $(DEMO_N) --seed $(SEED)
 
 base: $(foreach c,$(CONNECTORS),$(CKPT_DIR)/base-$(c)/config.json)
 
-$(CKPT_DIR)/base-%/config.json: $(STAMP)
+$(CKPT_DIR)/base-%/config.json: | $(STAMP)
 	$(BIN)/vlm init --tower $(TOWER) --llm $(LLM) --connector $* --seed $(SEED) --out $(CKPT_DIR)/base-$*
 
 stage1: data $(CKPT_DIR)/base-$(CONNECTOR)/config.json

@@ -257,8 +257,25 @@ def test_resume_with_another_process_count_is_refused(workspace):
 
 
 def test_divergence_stops_with_step_and_batch_ids(workspace, tmp_path):
-    result = train("stage1", tmp_path / "diverge", workspace, f"model={workspace / 'base'}", "lr=1e30",
-                   "max_steps=6", "warmup_ratio=0", "gradient_clipping=0", check=False)
+    result = train(
+        "stage1",
+        tmp_path / "diverge",
+        workspace,
+        f"model={workspace / 'base'}",
+        "lr=1e30",
+        "max_steps=6",
+        "warmup_ratio=0",
+        "gradient_clipping=0",
+        check=False,
+    )
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "loss is not finite at step" in text and "batch ids: train-" in text
+
+
+def test_packed_training_matches_unpacked(workspace):
+    """Packing changes the layout, not the maths: same batches, same per-step losses (fp32, CPU)."""
+    common = (f"model={workspace / 'base'}", "max_steps=3", "group_by_length=false", "max_length=256")
+    train("stage2", workspace / "packed", workspace, *common, "pack=true")
+    train("stage2", workspace / "unpacked", workspace, *common, "pack=false")
+    assert losses(workspace / "packed") == pytest.approx(losses(workspace / "unpacked"), rel=0, abs=1e-5)
