@@ -99,7 +99,7 @@ def test_unknown_connector_lists_available():
         connector_config_from_dict({"type": "qformerr"})
     message = str(info.value)
     assert "'qformerr'" in message and all(name in message for name in ALL)
-    assert "Did you mean 'qformer'" in message
+    assert "did you mean 'qformer'" in message
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, ClassVar
 
 from torch import nn
+
+from ..suggest import did_you_mean
 
 
 @dataclasses.dataclass
@@ -22,10 +23,9 @@ class ConnectorConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ValueError(
-                    f"unknown key {key!r} for connector {cls.type!r}{suggestion} valid keys: {', '.join(known)}"
+                    f"unknown key {key!r} for connector {cls.type!r}{did_you_mean(key, known)} "
+                    f"valid keys: {', '.join(known)}"
                 )
         return cls(**values)
 

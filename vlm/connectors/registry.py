@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
+from ..suggest import did_you_mean
 from .base import Connector, ConnectorConfig
 
 _CONNECTORS: dict[str, type[Connector]] = {}
@@ -27,11 +27,8 @@ def available_connectors() -> list[str]:
 
 def get_connector_class(name: str) -> type[Connector]:
     if name not in _CONNECTORS:
-        hint = difflib.get_close_matches(name, _CONNECTORS, n=1)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(
-            f"unknown connector {name!r}; available: {', '.join(available_connectors())}.{suggestion}"
-        )
+        available = ", ".join(available_connectors())
+        raise ValueError(f"unknown connector {name!r} (available: {available}){did_you_mean(name, _CONNECTORS)}")
     return _CONNECTORS[name]
 
 

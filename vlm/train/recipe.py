@@ -7,13 +7,14 @@ one), so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from ..suggest import did_you_mean
 
 
 class RecipeError(ValueError):
@@ -158,9 +159,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise RecipeError(f"{where}: {value!r} is not one of {list(allowed)}{suggestion}")
+            raise RecipeError(
+                f"{where}: {value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}"
+            )
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -197,9 +198,7 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "recipe"):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise RecipeError(f"{where}: unknown key {key!r}{suggestion}")
+            raise RecipeError(f"{where}: unknown key {key!r}{did_you_mean(key, fields)}")
     missing = [
         n
         for n, f in fields.items()
