@@ -77,10 +77,10 @@ demo: data base
 	$(BIN)/vlm tokens --tower $(TOWER) --llm $(LLM)
 	$(BIN)/vlm tokens --tower clip-vit-l-14-336 --llm llama-7b
 
-serve: $(SERVE_CKPT)/config.json
+serve: $(STAMP) $(SERVE_CKPT)/config.json
 	$(BIN)/vlm serve $(SERVE_CKPT) --host 127.0.0.1 --port $(PORT) $(SERVE_ARGS)
 
-caption: data $(SERVE_CKPT)/config.json
+caption: $(STAMP) data $(SERVE_CKPT)/config.json
 	$(BIN)/vlm caption $(SERVE_CKPT) --images $(DATA)/images/eval --out $(CAPTIONS)
 
 bench-serve: $(STAMP)

@@ -88,7 +88,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="merge a LoRA adapter and/or convert a checkpoint to another format")
-    p.add_argument("checkpoint", help="our checkpoint directory, or a LoRA adapter directory with --merge-lora")
+    p.add_argument(
+        "checkpoint", help="our checkpoint directory, or a LoRA adapter directory with --merge-lora"
+    )
     p.add_argument(
         "--to",
         choices=["vlm", "llava-hf"],

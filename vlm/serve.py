@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     served_name = args.served_model_name or checkpoint.resolve().name
     guard = GuardConfig(
         served_model_names=[served_name],
-        api_keys=[args.api_key] if args.api_key else [],
+        # vLLM also honours VLLM_API_KEY; the guard runs before vLLM's check, so it must know that key too.
+        api_keys=[k for k in (args.api_key or os.environ.get("VLLM_API_KEY"),) if k],
         max_images=args.max_images,
         policy=MediaPolicy(
             max_image_pixels=args.max_image_pixels,

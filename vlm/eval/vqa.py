@@ -39,7 +39,12 @@ class VQAReport:
         return {k: c / n for k, (c, n) in sorted(self.by_type.items())}
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "accuracy": self.accuracy, "by_type": self.slice_accuracy(), "predictions": self.predictions}
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "by_type": self.slice_accuracy(),
+            "predictions": self.predictions,
+        }
 
 
 def _prompt(processor: VLMProcessor, record: dict) -> str:
@@ -56,7 +61,11 @@ def _images(paths: list[str]):
 
 @torch.no_grad()
 def evaluate_vqa(
-    checkpoint: str | Path, data: str | Path, batch_size: int = 32, limit: int | None = None, max_new_tokens: int = 8
+    checkpoint: str | Path,
+    data: str | Path,
+    batch_size: int = 32,
+    limit: int | None = None,
+    max_new_tokens: int = 8,
 ) -> VQAReport:
     model = VLMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
     processor = VLMProcessor.from_pretrained(str(checkpoint))
@@ -73,12 +82,16 @@ def evaluate_vqa(
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for record, text in zip(batch, texts, strict=True):
-            answers = json.loads(record["answers"]) if isinstance(record["answers"], str) else record["answers"]
+            answers = (
+                json.loads(record["answers"]) if isinstance(record["answers"], str) else record["answers"]
+            )
             ok = normalize(text) in {normalize(a) for a in answers}
             kind = record.get("question_type") or "all"
             report.n += 1
             report.correct += ok
             report.by_type[kind][0] += ok
             report.by_type[kind][1] += 1
-            report.predictions.append({"id": record["id"], "prediction": text, "answers": answers, "correct": ok})
+            report.predictions.append(
+                {"id": record["id"], "prediction": text, "answers": answers, "correct": ok}
+            )
     return report
