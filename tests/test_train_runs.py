@@ -279,3 +279,17 @@ def test_packed_training_matches_unpacked(workspace):
     train("stage2", workspace / "packed", workspace, *common, "pack=true")
     train("stage2", workspace / "unpacked", workspace, *common, "pack=false")
     assert losses(workspace / "packed") == pytest.approx(losses(workspace / "unpacked"), rel=0, abs=1e-5)
+
+
+def test_qlora_run_trains_and_merges_to_full_precision(workspace, stage1):
+    pytest.importorskip("bitsandbytes")
+    out = workspace / "qlora"
+    train(
+        "stage2_qlora", out, workspace, f"model={stage1 / 'final'}", "max_steps=2", "lora.r=4", "lora.alpha=8"
+    )
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert "quantization_config" not in config, "the merged checkpoint must be plain full precision"
+    final = weights(out / "final", "")
+    assert not any("lora_" in k for k in final)
+    assert final["language_model.model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert len(losses(out)) == 2
