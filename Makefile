@@ -90,12 +90,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlm tests
-	$(BIN)/ruff format --check vlm tests
+	$(BIN)/ruff check vlm tests bench
+	$(BIN)/ruff format --check vlm tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff format vlm tests
-	$(BIN)/ruff check --fix vlm tests
+	$(BIN)/ruff format vlm tests bench
+	$(BIN)/ruff check --fix vlm tests bench
 
 clean:
 	rm -rf $(DATA) $(CKPT_DIR) $(RUNS) $(VENV)

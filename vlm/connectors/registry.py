@@ -28,7 +28,9 @@ def available_connectors() -> list[str]:
 def get_connector_class(name: str) -> type[Connector]:
     if name not in _CONNECTORS:
         available = ", ".join(available_connectors())
-        raise ValueError(f"unknown connector {name!r} (available: {available}){did_you_mean(name, _CONNECTORS)}")
+        raise ValueError(
+            f"unknown connector {name!r} (available: {available}){did_you_mean(name, _CONNECTORS)}"
+        )
     return _CONNECTORS[name]
 
 

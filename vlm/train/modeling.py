@@ -74,9 +74,10 @@ def load_model_for_training(recipe: Recipe, ds_config: dict, attn_implementation
 
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     dtype = precision_for(recipe)
-    if stage == 3:
-        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
-    quant = quantization_config(recipe, stage, dtype)
+    quant = quantization_config(recipe, stage, dtype)  # validates before any global state is touched
+    # Set for ZeRO-3 runs only, and cleared otherwise: a stale one would make every later from_pretrained in
+    # this process try zero.Init.
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quant is not None:
         local = int(os.environ.get("LOCAL_RANK", 0))
