@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    # bitsandbytes warns on import that an optional CPU kernel package is absent; nothing here depends on it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as err:  # user errors: one clear line, no traceback
