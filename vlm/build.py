@@ -157,10 +157,16 @@ def generation_config_for(tokenizer) -> GenerationConfig:
     )
 
 
-def save_checkpoint(model: VLMForConditionalGeneration, processor: VLMProcessor, out: str | Path) -> Path:
+def save_checkpoint(
+    model: VLMForConditionalGeneration, processor: VLMProcessor, out: str | Path, state_dict=None
+) -> Path:
+    """Weights, config and generation config (save_pretrained), tokenizer, processor and chat template.
+
+    `state_dict`: weights gathered elsewhere (ZeRO-3 partitions them), saved under the model's own config.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     processor.save_pretrained(out)
     return out
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..build import save_checkpoint
 from ..model import VLMForConditionalGeneration
 from ..processing import VLMProcessor
 from .freeze import vlm_of
@@ -163,26 +164,21 @@ def save_final_checkpoint(engine, processor: VLMProcessor, recipe: Recipe, out: 
             from ..export import merge_lora
 
             merged, merged_processor = merge_lora(adapter, base=recipe.model)
-            _save_plain(merged, merged_processor, staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            save_checkpoint(merged, merged_processor, staging)
     else:
         state = _full_state_dict(engine)
         if rank == 0:
             vlm = vlm_of(engine.module)
             vlm.config.use_cache = True
-            _save_plain(vlm, processor, staging, state)
+            shutil.rmtree(staging, ignore_errors=True)
+            save_checkpoint(vlm, processor, staging, state_dict=state)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(staging, out)
     if dist.is_initialized():
         dist.barrier()
     return out
-
-
-def _save_plain(model, processor, staging: Path, state=None) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, state_dict=state)
-    processor.save_pretrained(staging)
-    model.generation_config.save_pretrained(staging)
 
 
 def _save_adapter(engine, processor, adapter: Path, rank: int) -> Path:
