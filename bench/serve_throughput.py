@@ -137,8 +137,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: str, port: int, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vlm.cli", "serve", ckpt, "--port", str(port), "--dtype", "float32"]
+def start_server(ckpt: str, port: int, log_path: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vlm.cli", "serve", ckpt, "--port", str(port), "--dtype", "float32", *extra]
     cmd += [
         "--max-images",
         "1",

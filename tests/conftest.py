@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 
 import pytest
 import torch
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# stages/stage1.yaml caches tower features (feature_cache: auto): keep the tests' caches out of ~/.cache.
+os.environ.setdefault("VLM_FEATURE_CACHE", tempfile.mkdtemp(prefix="vlm-test-features-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 CONNECTORS = ["linear", "mlp", "qformer", "perceiver"]

@@ -75,3 +75,14 @@ def test_local_files_confined_to_the_allowed_directory(tmp_path):
             load_image_url(path.as_uri(), policy)
     with pytest.raises(MediaError, match="allowed-local-media-path"):
         load_image_url((allowed / "ok.png").as_uri(), MediaPolicy())
+
+
+def test_truncated_image_is_refused_even_when_another_library_relaxed_pil(monkeypatch):
+    # lmms-eval sets this process-global flag to True on import; our decoder must not inherit that.
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    truncated = png_bytes(noise_image(0))[:80]
+    with pytest.raises(MediaError, match="corrupt or truncated"):
+        decode_image(truncated, MediaPolicy())
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored for the library that set it

@@ -129,6 +129,8 @@ def test_stage1_connector_loads_into_zero3_stage2(workspace, stage1):
     assert_same(
         weights(out / "final", "language_model."), weights(workspace / "base", "language_model."), atol=1e-8
     )
+    # A ZeRO-3 save keeps the model's own weight names (no `vision_tower.vision_model.`, no `LayerNorm.gamma`).
+    assert weights(out / "final", "").keys() == weights(workspace / "base", "").keys()
 
 
 def test_handover_refuses_a_connector_from_another_model(workspace, stage1, tmp_path):

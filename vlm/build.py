@@ -166,7 +166,9 @@ def save_checkpoint(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict)
+    # Our own module names, always: reverting transformers' load-time conversions would depend on how the model
+    # was loaded (under ZeRO-3 it re-adds legacy names such as `LayerNorm.gamma`, which vLLM cannot map).
+    model.save_pretrained(out, state_dict=state_dict, save_original_format=False)
     processor.save_pretrained(out)
     return out
 

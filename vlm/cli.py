@@ -142,7 +142,9 @@ def add_tokens_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .caption import add_caption_parser
+    from .contrastive.cli import add_parser as add_contrastive_parser
     from .data.cli import add_parser as add_data_parser
+    from .eval.cli import add_eval_parser
     from .serve import add_serve_parser
     from .train.launch import add_train_parser
 
@@ -155,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_serve_parser(sub)
     add_caption_parser(sub)
+    add_eval_parser(sub)
     add_train_parser(sub)
+    add_contrastive_parser(sub)
     return parser
 
 

@@ -1,16 +1,20 @@
 """The request guard in front of vLLM's OpenAI server: bad input becomes a clear 4xx before the engine sees it.
 
 A pure ASGI middleware (vLLM adds it through its `--middleware` option, outermost). For POST requests it:
-- checks the API key first, so an unauthenticated caller cannot make the server fetch anything;
+- checks the API key first, on every route but the health probes (/health, /ping), so an unauthenticated
+  caller can neither make the server fetch anything nor read /metrics, /tokenize, /docs, ...;
 - refuses an unknown model name (404);
 - loads every `image_url` of a chat request under `vlm.media`'s policy (corrupt/truncated images, non-image
   data URLs, unsupported schemes, pixel bombs, file:// outside the allowed directory, private addresses) and
   rewrites http(s)/file URLs as `data:` URLs, so vLLM never fetches a URL or opens a file itself;
 - refuses more images than allowed, and `<image>` typed into text (it would silently act as a plain token);
-- refuses media on any other endpoint (images are served through /v1/chat/completions only).
+- refuses media on any other endpoint (images are served through /v1/chat/completions only), the image token
+  anywhere else in a request (as text, or as its id in a token-id prompt), per-request chat templates and
+  template/processor kwargs (a template decides where image placeholders go), and JSON nested absurdly deep.
 
 Its settings come from the `VLM_GUARD` environment variable (JSON), written by `vlm serve`, because vLLM
-instantiates middleware itself, by import path.
+instantiates middleware itself, by import path. It holds only SHA-256 digests of the API keys, so the keys
+never reach the environment of vLLM's child processes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -29,17 +34,32 @@ from .media import MediaError, MediaPolicy, load_image_url, to_data_url
 from .templates import IMAGE_TOKEN
 
 ENV_VAR = "VLM_GUARD"
-GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere", "/pooling", "/classify", "/score", "/rerank")
+OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness probes: no key, no body, no data
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 64  # real requests nest < 10 deep; deeper only tries to exhaust recursion
+# Request fields that would change how the prompt (and its image placeholders) is rendered or processed.
+REFUSED_FIELDS = ("chat_template", "chat_template_kwargs", "mm_processor_kwargs")
+TOKEN_FIELDS = {"prompt", "prompt_token_ids", "token_ids", "input_ids"}  # where token-id prompts are read
+BODY_METHODS = {"POST", "PUT", "PATCH"}
 MEDIA_PART_TYPES = {"image_url", "input_image", "image", "image_pil", "image_embeds"}
-UNSUPPORTED_PART_TYPES = {"video_url", "audio_url", "input_audio", "video", "audio", "file"}
+UNSUPPORTED_PART_TYPES = {
+    "video_url",
+    "audio_url",
+    "input_audio",
+    "video",
+    "audio",
+    "file",
+    "input_file",
+    "document",
+}
 
 
 @dataclasses.dataclass
 class GuardConfig:
     served_model_names: list[str]
-    api_keys: list[str] = dataclasses.field(default_factory=list)
+    api_key_sha256: list[str] = dataclasses.field(default_factory=list)  # hex digests, never the keys
     max_images: int = 4
+    image_token_id: int | None = None
     policy: MediaPolicy = dataclasses.field(default_factory=MediaPolicy)
 
     def to_env(self) -> str:
@@ -53,6 +73,10 @@ class GuardConfig:
         values = json.loads(raw)
         values["policy"] = MediaPolicy(**values.get("policy", {}))
         return cls(**values)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class RequestError(Exception):
@@ -82,16 +106,13 @@ def check_chat(body: dict[str, Any], config: GuardConfig) -> None:
     images = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for part in parts if isinstance(parts, list) else []:
+        for part in content if isinstance(content, list) else []:
             if not isinstance(part, dict):
                 continue
             kind = part.get("type")
-            if kind == "text" and IMAGE_TOKEN in str(part.get("text", "")):
-                raise RequestError(
-                    400, f"text must not contain {IMAGE_TOKEN}; send images as image_url parts"
-                )
-            elif kind == "image_url":
+            if not isinstance(kind, str):
+                continue  # vLLM's schema validation refuses it (a list here used to crash the set lookup)
+            if kind == "image_url":
                 images.append(part)
             elif kind in MEDIA_PART_TYPES or kind in UNSUPPORTED_PART_TYPES:
                 raise RequestError(
@@ -114,27 +135,33 @@ def check_chat(body: dict[str, Any], config: GuardConfig) -> None:
         part["image_url"] = {**value, "url": url} if isinstance(value, dict) else {"url": url}
 
 
-def _has_media(value: Any) -> bool:
-    if isinstance(value, dict):
-        if value.get("type") in MEDIA_PART_TYPES | UNSUPPORTED_PART_TYPES or "image_url" in value:
-            return True
-        return any(_has_media(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_media(v) for v in value)
-    return False
+def _walk(body: Any) -> Iterator[tuple[str | None, Any]]:
+    """(key it sits under, value) for every value in a parsed JSON body, iteratively, refusing deep nesting."""
+    stack: list[tuple[str | None, Any, int]] = [(None, body, 1)]
+    while stack:
+        key, value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(400, f"the request nests JSON deeper than {MAX_JSON_DEPTH} levels")
+        yield key, value
+        if isinstance(value, dict):
+            stack.extend((k, v, depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((key, v, depth + 1) for v in value)  # list items inherit their list's key
 
 
-def _has_image_token(value: Any) -> bool:
-    if isinstance(value, str):
-        return IMAGE_TOKEN in value
-    if isinstance(value, list):
-        return any(_has_image_token(v) for v in value)
-    return False
+def _is_media(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    kind = value.get("type")
+    return "image_url" in value or (
+        isinstance(kind, str) and kind in MEDIA_PART_TYPES | UNSUPPORTED_PART_TYPES
+    )
 
 
 def check_request(path: str, body: Any, config: GuardConfig) -> None:
     if not isinstance(body, dict):
         return
+    values = list(_walk(body))  # first, so a too-deep body is refused before anything recurses into it
     model = body.get("model")
     if model is not None and model not in config.served_model_names:
         raise RequestError(
@@ -142,21 +169,48 @@ def check_request(path: str, body: Any, config: GuardConfig) -> None:
             f"the model {model!r} does not exist; this server serves {', '.join(config.served_model_names)}",
             "NotFoundError",
         )
+    refused = [f for f in REFUSED_FIELDS if body.get(f) not in (None, {}, "")]
+    if refused:
+        raise RequestError(
+            400, f"{', '.join(refused)}: not accepted in requests; this server renders its own chat template"
+        )
+    if any(isinstance(v, str) and IMAGE_TOKEN in v for _, v in values):
+        raise RequestError(400, f"the request must not contain {IMAGE_TOKEN}; send images as image_url parts")
+    tokens = config.image_token_id
+    if tokens is not None and any(k in TOKEN_FIELDS and v == tokens and type(v) is int for k, v in values):
+        raise RequestError(
+            400, f"token ids must not include the image token id {tokens}; send images as image_url parts"
+        )
     if path == "/v1/chat/completions":
         check_chat(body, config)
-    elif _has_media(body):
+    elif any(_is_media(v) for _, v in values):
         raise RequestError(400, "images are accepted on /v1/chat/completions only")
-    elif _has_image_token(body.get("prompt")):
-        raise RequestError(
-            400, f"the prompt must not contain {IMAGE_TOKEN}; send images to /v1/chat/completions"
-        )
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> Any:
+    """The JSON body; NaN/Infinity (Python's extensions) and recursion-exhausting nesting are refused."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise RequestError(400, f"the request nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:  # includes UnicodeDecodeError
+        raise RequestError(400, f"the request body is not valid JSON: {str(err)[:200]}") from None
+
+
+def _is_preflight(scope) -> bool:
+    headers = dict(scope.get("headers") or [])
+    return scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers
 
 
 class MediaGuard:
     def __init__(self, app, config: GuardConfig | None = None):
         self.app = app
         self.config = config or GuardConfig.from_env()
-        self._key_hashes = [hashlib.sha256(k.encode()).digest() for k in self.config.api_keys]
+        self._key_hashes = [bytes.fromhex(h) for h in self.config.api_key_sha256]
 
     def _authorized(self, scope) -> bool:
         if not self._key_hashes:
@@ -170,41 +224,25 @@ class MediaGuard:
         return scheme.lower() == "bearer" and ok
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not path.startswith(GUARDED_PREFIXES) or scope.get("method") == "OPTIONS":
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if scope.get("path") in OPEN_PATHS or _is_preflight(scope):
             return await self.app(scope, receive, send)
         if not self._authorized(scope):
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect; closing before accept rejects the handshake (403)
+                return await send({"type": "websocket.close", "code": 1008})
             return await error_response(401, "missing or wrong API key", "AuthenticationError")(
                 scope, receive, send
             )
-        if scope.get("method") != "POST":
+        if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
             return await self.app(scope, receive, send)
-
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > MAX_BODY_BYTES:
-                return await error_response(
-                    413, f"request body over {MAX_BODY_BYTES} bytes", "BadRequestError"
-                )(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        raw = b"".join(chunks)
         try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None  # not JSON: vLLM answers it
-        if body is not None:
-            try:
-                # Fetching and decoding block: run them off the event loop so other requests keep flowing.
-                await anyio.to_thread.run_sync(check_request, path, body, self.config)
-            except RequestError as err:
-                return await error_response(err.status, err.message, err.kind)(scope, receive, send)
-            raw = json.dumps(body).encode()
+            raw = await self._checked_body(scope, receive)
+        except RequestError as err:
+            return await error_response(err.status, err.message, err.kind)(scope, receive, send)
+        if raw is None:
+            return  # the client went away
 
         sent = False
 
@@ -218,3 +256,20 @@ class MediaGuard:
         headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
         return await self.app({**scope, "headers": headers}, replay, send)
+
+    async def _checked_body(self, scope, receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            if not message.get("more_body"):
+                break
+        body = parse_body(b"".join(chunks))
+        # Fetching and decoding block: run them off the event loop so other requests keep flowing.
+        await anyio.to_thread.run_sync(check_request, scope.get("path", ""), body, self.config)
+        return json.dumps(body).encode()

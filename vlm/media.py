@@ -22,9 +22,6 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-# A truncated file must be an error, never a silently half-grey picture.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
 MAX_REDIRECTS = 3
 
 
@@ -43,6 +40,19 @@ class MediaPolicy:
     fetch_timeout_s: float = 10.0
 
 
+def load_strict(image: Image.Image) -> None:
+    """`image.load()` that fails on truncated data, whatever `ImageFile.LOAD_TRUNCATED_IMAGES` says.
+
+    A truncated file must be an error, never a silently half-grey picture; and the flag is process-global, so
+    another library (lmms-eval sets it to True on import) could otherwise turn that off for us.
+    """
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        image.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def decode_image(data: bytes, policy: MediaPolicy, what: str = "image") -> Image.Image:
     """Decode fully (so truncation shows now, not inside the engine), refusing bombs before decompressing."""
     if len(data) > policy.max_image_bytes:
@@ -58,7 +68,7 @@ def decode_image(data: bytes, policy: MediaPolicy, what: str = "image") -> Image
                     f"{what} is {width}x{height} = {width * height} pixels; the limit is "
                     f"{policy.max_image_pixels} (decompression-bomb guard)",
                 )
-            image.load()
+            load_strict(image)
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -100,6 +110,8 @@ def read_local(path: str | Path, policy: MediaPolicy) -> bytes:
             403,
             "file:// URLs are refused; start the server with --allowed-local-media-path DIR to allow a directory",
         )
+    if "\0" in str(path):
+        raise MediaError(400, "file path contains a NUL byte")
     real, real_root = os.path.realpath(path), os.path.realpath(root)
     if os.path.commonpath([real, real_root]) != real_root:
         raise MediaError(403, f"{path} is outside the allowed media directory {root}")
@@ -108,6 +120,20 @@ def read_local(path: str | Path, policy: MediaPolicy) -> bytes:
     if os.path.getsize(real) > policy.max_image_bytes:
         raise MediaError(413, f"{path} is larger than {policy.max_image_bytes} bytes")
     return Path(real).read_bytes()
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries (mapped, 6to4, Teredo, NAT64, compatible): vetted as well."""
+    if ip.version == 4:
+        return []
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [a for a in found if a is not None]
 
 
 def _vetted_address(host: str, port: int, policy: MediaPolicy) -> str:
@@ -120,7 +146,7 @@ def _vetted_address(host: str, port: int, policy: MediaPolicy) -> str:
     if not policy.allow_private_urls:
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global:
+            if not all(a.is_global for a in (ip, *_embedded_ipv4(ip))):
                 raise MediaError(
                     403,
                     f"image URL host {host!r} resolves to the non-public address {ip}; refused "

@@ -134,6 +134,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_features: torch.FloatTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
@@ -144,14 +145,22 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features (cached tower features), not both")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
-                image_embeds = self.get_image_features(pixel_values)
+            if pixel_values is not None or image_features is not None:
+                # image_features: the tower's selected features (n_images, P, Dv) from a feature cache (stage 1
+                # with a frozen tower), so only the connector runs here.
+                image_embeds = (
+                    self.get_image_features(pixel_values)
+                    if image_features is None
+                    else self.connector(image_features.to(self.vision_tower.dtype))
+                )
                 inputs_embeds = self.merge_image_embeds(input_ids, inputs_embeds, image_embeds)
             else:
                 self._check_no_stray_placeholders(input_ids, past_key_values)
-        elif pixel_values is not None:
+        elif pixel_values is not None or image_features is not None:
             raise ValueError(
                 "pixel_values need input_ids to locate the image placeholders, not inputs_embeds"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 from pathlib import Path
@@ -40,11 +41,21 @@ def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
     ]  # fmt: skip
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
-    if args.api_key:
-        argv += ["--api-key", args.api_key]
+    # No --api-key for vLLM: the guard checks the key on every route, and vLLM would log its arguments.
     if args.enforce_eager:
         argv.append("--enforce-eager")
     return argv + list(args.vllm_args)
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """--api-key, --api-key-file or VLLM_API_KEY. The variable is removed so no child process inherits it."""
+    env_key = os.environ.pop("VLLM_API_KEY", None)
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return [key]
+    return [k for k in (args.api_key or env_key,) if k]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,14 +67,14 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
-    from .guard import ENV_VAR, GuardConfig  # needs the serve extra (starlette, anyio)
+    from .guard import ENV_VAR, GuardConfig, key_digest  # needs the serve extra (starlette, anyio)
 
     served_name = args.served_model_name or checkpoint.resolve().name
     guard = GuardConfig(
         served_model_names=[served_name],
-        # vLLM also honours VLLM_API_KEY; the guard runs before vLLM's check, so it must know that key too.
-        api_keys=[k for k in (args.api_key or os.environ.get("VLLM_API_KEY"),) if k],
+        api_key_sha256=[key_digest(k) for k in api_keys(args)],
         max_images=args.max_images,
+        image_token_id=json.loads((checkpoint / "config.json").read_text()).get("image_token_index"),
         policy=MediaPolicy(
             max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes,
@@ -72,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     os.environ[ENV_VAR] = guard.to_env()
+    if not _is_loopback(args.host) and not guard.api_key_sha256:
+        log.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
 
     from .engine import set_engine_env
 
@@ -96,7 +109,13 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (beyond loopback needs --allow-remote)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health and /ping (visible in ps: "
+        "prefer --api-key-file or VLLM_API_KEY)",
+    )
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file")
     p.add_argument(
         "--served-model-name", default=None, help="model name clients use (default: directory name)"
     )

@@ -1,4 +1,4 @@
-"""`vlm data synth` and `vlm data check`. Wired into vlm/cli.py with `add_parser(subparsers)`."""
+"""`vlm data synth`, `vlm data check` and `vlm data pope`. Wired into vlm/cli.py with `add_parser(subparsers)`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import records, synth
+from . import pope, records, synth
 
 
 def _sizes(value: str) -> tuple[int, ...]:
@@ -62,10 +62,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all_ok else 1
 
 
+def cmd_pope(args: argparse.Namespace) -> int:
+    if not args.scenes.is_file():
+        print(f"error: scenes file not found: {args.scenes}", file=sys.stderr)
+        return 2
+    scenes = [
+        json.loads(line) for line in args.scenes.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    out = args.out or args.scenes.with_name("pope_eval.jsonl")
+    try:
+        pope_records = pope.pope_records(scenes, seed=args.seed)
+    except KeyError as e:
+        print(f"error: {args.scenes}: a scene lacks the field {e}", file=sys.stderr)
+        return 2
+    synth._write_jsonl(out, pope_records)
+    print(f"wrote {len(pope_records)} POPE questions ({len(scenes)} scenes x 3 splits x yes/no) to {out}")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `data` with its `synth` and `check` subcommands; each sets `func(args) -> int`."""
     data = subparsers.add_parser("data", help="generate synthetic data, check LLaVA record files")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,check}")
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,check,pope}")
     sub.required = True
 
     p = sub.add_parser("synth", help="write the synthetic shapes dataset (images + LLaVA JSONL)")
@@ -90,6 +108,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--no-images", action="store_true", help="skip image existence/readability checks")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "pope", help="write the POPE-style yes/no probe for a scenes file (synth writes it too)"
+    )
+    p.add_argument("--scenes", type=Path, default=Path("data/synth/scenes_eval.jsonl"), help="scene metadata")
+    p.add_argument("--out", type=Path, default=None, help="output JSONL (default: pope_eval.jsonl beside it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pope)
     return data
 
 

@@ -109,7 +109,7 @@ def _problems(record: Any, image_root: Path | None, cache: dict[Path, str | None
             problems.append(f"{where} must be an object with 'from' and 'value', got {turn!r:.80}")
             continue
         role, value = turn["from"], turn["value"]
-        if role not in _SPEAKER:
+        if not isinstance(role, str) or role not in _SPEAKER:  # a list role used to raise TypeError
             problems.append(f"{where} has unknown role {role!r} (allowed: {', '.join(_SPEAKER)})")
             continue
         speakers.append(_SPEAKER[role])
@@ -267,17 +267,47 @@ def _scan_columns(path: Path, limit: int) -> list[str]:
     return list(columns)
 
 
-def _normalise(record: dict[str, Any], root: str) -> dict[str, Any]:
+def _normalise(record: dict[str, Any], index: int, root: str, file: str) -> dict[str, Any]:
     rid = record.get("id")
-    if not isinstance(record.get("conversations"), list):
-        raise ValueError(f"record {rid!r} has no 'conversations' list; run `vlm data check` on the file")
+    convs = record.get("conversations")
+    where = f"{file}: record {rid!r} (record {index + 1})"
+    if not isinstance(convs, list):
+        raise ValueError(f"{where} has no 'conversations' list; run `vlm data check {file}`")
+    for i, t in enumerate(convs):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise ValueError(
+                f"{where}: turn {i} is not an object with 'from' and 'value'; run `vlm data check`"
+            )
+    images = record.get("image")
+    if images is not None and not isinstance(images, (str, list)):
+        raise ValueError(f"{where}: 'image' must be a path or a list of paths; run `vlm data check {file}`")
     return {
         "id": None if rid is None else str(rid),
-        "images": [os.path.join(root, p) for p in record_images(record)],
-        "conversations": [
-            {"from": str(t["from"]), "value": str(t["value"])} for t in record["conversations"]
-        ],
+        "images": [os.path.join(root, str(p)) for p in record_images(record)],
+        "conversations": [{"from": str(t["from"]), "value": str(t["value"])} for t in convs],
     }
+
+
+def _check_objects(path: Path) -> None:
+    """Refuse a file whose records are not all JSON objects, before `datasets` sees it: a `null` line makes
+    pyarrow's JSON reader crash the process (segfault), other non-objects give an unexplained error."""
+    if path.suffix == ".json":
+        for n, record, error in iter_file(path):
+            if error or not isinstance(record, dict):
+                got = error or f"not a JSON object (got {type(record).__name__})"
+                raise ValueError(f"{path}:{n}: {got}; run `vlm data check {path}`")
+        return
+    with open(path, "rb") as f:  # a byte-level check per line: cheap on multi-GB files
+        for n, line in enumerate(f, 1):
+            if line.strip() and not line.lstrip().startswith(b"{"):
+                raise ValueError(f"{path}:{n}: not a JSON object; run `vlm data check {path}`")
+
+
+def _first_problem(path: Path) -> str | None:
+    for n, _, err in iter_file(path):
+        if err:
+            return f"{path}:{n}: {err}"
+    return None
 
 
 def load_llava_dataset(
@@ -327,19 +357,30 @@ def load_llava_dataset(
     parts = []
     # One load per file so each file's records resolve against that file's directory by default.
     for f in files:
+        _check_objects(f)
         root = str(Path(image_root if image_root is not None else f.parent).resolve())
-        ds = datasets.load_dataset(
-            "json",
-            data_files=str(f),
-            split="train",
-            features=raw,
-            streaming=streaming,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
+        try:
+            ds = datasets.load_dataset(
+                "json",
+                data_files=str(f),
+                split="train",
+                features=raw,
+                streaming=streaming,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+            )
+        except datasets.exceptions.DatasetGenerationError as err:  # says only "an error occurred"
+            problem = _first_problem(f)
+            if problem is None:
+                raise
+            raise ValueError(f"{problem}; run `vlm data check {f}`") from err
         map_kwargs = {} if streaming else {"desc": f"normalising {f.name}"}
+        fn_kwargs = {"root": root, "file": str(f)}
         parts.append(
-            ds.map(_normalise, fn_kwargs={"root": root}, remove_columns=["image"], features=out, **map_kwargs)
-        )
+            ds.map(
+                _normalise, with_indices=True, fn_kwargs=fn_kwargs, remove_columns=["image"], features=out,
+                **map_kwargs,
+            )
+        )  # fmt: skip
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from . import pope
 from . import synth_text as text
 from .synth_text import COLOURS, QUADRANTS, QUESTION_TYPES, SHAPES, SIZES
 
@@ -243,6 +244,7 @@ FILES = (
     "vqa_train",
     "caption_eval",
     "vqa_eval",
+    "pope_eval",  # POPE-style yes/no hallucination probe over the eval scenes (vlm/data/pope.py)
 )
 
 
@@ -283,6 +285,7 @@ def generate(
                     out["caption_eval"] += caps
                     out["vqa_eval"] += vqas
                 bar.update(1)
+    out["pope_eval"] = pope.pope_records(out["scenes_eval"], seed)
     for name in FILES:
         _write_jsonl(paths[name], out[name])
 

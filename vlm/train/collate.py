@@ -39,11 +39,11 @@ __all__ = [
 ]
 
 # Batch entries that are not model inputs: pass the rest to the model with `model_inputs(batch)`.
-BOOKKEEPING_KEYS = ("ids", "skipped", "n_samples")
+BOOKKEEPING_KEYS = ("ids", "skipped", "n_samples", "seq_lengths")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without its bookkeeping entries (ids, skipped, n_samples), ready for `model(**...)`."""
+    """The batch without its bookkeeping entries (ids, skipped, n_samples, seq_lengths), for `model(**...)`."""
     return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
 
@@ -67,6 +67,14 @@ def _pixel_values(samples: Sequence[dict]) -> torch.Tensor | None:
     # None for a batch without images: the vision tower cannot run on an empty (0, 3, H, W) batch.
     pixel_values = torch.cat([s["pixel_values"] for s in samples], dim=0)
     return pixel_values if len(pixel_values) else None
+
+
+def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor | None]:
+    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache."""
+    if samples and "image_features" in samples[0]:
+        features = torch.cat([s["image_features"] for s in samples], dim=0)
+        return {"image_features": features if len(features) else None}
+    return {"pixel_values": _pixel_values(samples)}
 
 
 class Collator:
@@ -104,9 +112,10 @@ class Collator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": _pixel_values(samples),
+            **_image_inputs(samples),
             "ids": [s["id"] for s in samples],
             "skipped": skipped,
+            "seq_lengths": [len(s["input_ids"]) for s in samples],
         }
 
 
@@ -201,10 +210,11 @@ class PackingCollator:
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
-            "pixel_values": _pixel_values(ordered),  # row-major placeholder order = packed order
+            **_image_inputs(ordered),  # row-major placeholder order = packed order
             "ids": [s["id"] for s in ordered],
             "skipped": skipped,
             "n_samples": len(ordered),
+            "seq_lengths": [len(s["input_ids"]) for s in ordered],
         }
         if self.mask != "none":
             allowed = block_causal_mask(segments)

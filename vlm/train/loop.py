@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from .checkpoints import CheckpointManager
 from .collate import model_inputs
+from .feature_cache import setup_feature_cache
+from .flops import FlopModel, batch_flops, device_peak_flops
 from .freeze import apply_freeze_policy, format_parameter_table, param_groups, parameter_counts, vlm_of
 from .metrics import MetricsLogger
 from .modeling import attn_implementation_for, load_model_for_training, precision_for, save_final_checkpoint
@@ -104,13 +106,9 @@ class Trainer:
         self.ds_config = deepspeed_config(recipe, self.world_size, self.bf16)
         self.accum = self.ds_config["gradient_accumulation_steps"]
 
-        attn = attn_implementation_for(recipe)
-        model, self.processor = load_model_for_training(recipe, self.ds_config, attn)
-        model = apply_freeze_policy(model, recipe)
-        if recipe.gradient_checkpointing:
-            vlm_of(model).language_model.gradient_checkpointing_enable({"use_reentrant": False})
-            vlm_of(model).enable_input_require_grads()
-        self.data = build_train_data(recipe, self.processor, self.rank, self.world_size, attn)
+        self.attn = attn_implementation_for(recipe)
+        model = self.build_model()
+        self.data = self.build_data()
         self.total_steps = self._total_steps()
         optimizer = build_optimizer(model, recipe, self.ds_config)
         scheduler = build_scheduler(optimizer, recipe, self.total_steps)
@@ -121,11 +119,39 @@ class Trainer:
             self.out / "checkpoints", self.rank, self.world_size, recipe.keep_checkpoints
         )
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
+        # After initialize: the cache runs the tower exactly as the engine's module holds it (device, dtype).
+        self.cached_features = setup_feature_cache(
+            recipe,
+            vlm_of(self.engine.module) if recipe.feature_cache else None,
+            self.processor,
+            self.data,
+            zero_stage(self.ds_config),
+            self.rank,
+            self.world_size,
+            self.device,
+        )
+        self._setup_throughput()
         if self.rank == 0:
-            log.info(
-                "parameters (tower frozen in every stage):\n%s",
-                format_parameter_table(parameter_counts(model)),
-            )
+            log.info(self.parameter_report(model))
+
+    # -- objective hooks (vlm/contrastive/train.py overrides them, and train_step, for stage 0) ---------------
+    def build_model(self):
+        """The module to train, with the recipe's freeze policy applied; sets self.processor."""
+        model, self.processor = load_model_for_training(self.recipe, self.ds_config, self.attn)
+        model = apply_freeze_policy(model, self.recipe)
+        if self.recipe.gradient_checkpointing:
+            vlm_of(model).language_model.gradient_checkpointing_enable({"use_reentrant": False})
+            vlm_of(model).enable_input_require_grads()
+        return model
+
+    def build_data(self):
+        return build_train_data(self.recipe, self.processor, self.rank, self.world_size, self.attn)
+
+    def parameter_report(self, model) -> str:
+        return "parameters (tower frozen in every stage):\n" + format_parameter_table(parameter_counts(model))
+
+    def save_final(self) -> Path:
+        return save_final_checkpoint(self.engine, self.processor, self.recipe, self.out / "final", self.rank)
 
     def _total_steps(self) -> int:
         per_epoch = self.data.batches_per_epoch // self.accum
@@ -175,6 +201,33 @@ class Trainer:
             f"Lower lr, check these samples, or resume from the last checkpoint in {self.checkpoints.root}"
         )
 
+    # -- throughput ------------------------------------------------------------------------------------------
+    def _setup_throughput(self) -> None:
+        """The FLOP model for tflops_per_s and MFU (lm objective only; see flops.py for what it counts)."""
+        self.flop_model, self.peak_flops = None, None
+        if getattr(self.recipe, "objective", "lm") != "lm":
+            return
+        self.flop_model = FlopModel.for_model(
+            vlm_of(self.engine.module), llm_trains=self.recipe.tune == "full"
+        )
+        self.peak_flops, why = device_peak_flops(precision_for(self.recipe))
+        if self.rank == 0 and self.peak_flops is None:
+            log.info("MFU is not logged: %s", why)
+
+    def throughput(self, window: list[dict], dt: float) -> dict[str, float]:
+        """Global input tokens/s (placeholders included, padding not), model TFLOP/s and MFU for one step."""
+        if self.flop_model is None:
+            return {}
+        local = [
+            sum(sum(b["seq_lengths"]) for b in window),
+            sum(batch_flops(self.flop_model, b) for b in window),
+        ]
+        tokens, flops = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        out = {"input_tokens_per_s": tokens / dt, "tflops_per_s": flops / dt / 1e12}
+        if self.peak_flops:
+            out["mfu"] = flops / dt / (self.peak_flops * self.world_size)
+        return out
+
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
         step, micro_done = 0, 0
@@ -189,8 +242,9 @@ class Trainer:
                 continue
             t0 = time.time()
             loss, tokens, samples = self.train_step(window)
-            window, step, micro_done = [], step + 1, micro_done + self.accum
             dt = time.time() - t0
+            extra = self.throughput(window, dt)
+            window, step, micro_done = [], step + 1, micro_done + self.accum
             lr = self.scheduler.get_last_lr()[0]
             self.metrics.step(
                 step,
@@ -198,7 +252,9 @@ class Trainer:
                 lr=lr,
                 samples_per_s=samples / dt,
                 tokens_per_s=tokens / dt,
+                **extra,
                 epoch=self.data.epoch_of(micro_done),
+                elapsed_s=round(time.time() - started, 3),
             )
             progress.update(1)
             if self.recipe.save_every and step % self.recipe.save_every == 0 and step < self.total_steps:
@@ -207,7 +263,7 @@ class Trainer:
                 break
         progress.close()
         self.checkpoints.save(self.engine, step, {"micro_batches_done": micro_done})
-        final = save_final_checkpoint(self.engine, self.processor, self.recipe, self.out / "final", self.rank)
+        final = self.save_final()
         report = {
             "steps": step,
             "steps_this_run": step - start_step,
@@ -220,16 +276,24 @@ class Trainer:
         return report
 
     def _try_resume(self) -> tuple[int, int]:
-        candidates = self.checkpoints.candidates()
-        if not candidates:
+        found = self.checkpoints.load_latest_good(self.engine)  # skips (and reports) corrupt checkpoints
+        if found is None:
             if self.rank == 0:
                 log.info("--resume: no checkpoint in %s yet, starting from scratch", self.checkpoints.root)
             return 0, 0
-        state = self.checkpoints.load(self.engine, candidates[0])
+        path, state = found
         if self.rank == 0:
-            log.info("resumed from %s (step %d)", candidates[0], state["step"])
+            log.info("resumed from %s (step %d)", path, state["step"])
         self.metrics.truncate_after(state["step"])
         return state["step"], state["micro_batches_done"]
+
+
+def trainer_class(recipe: Recipe) -> type[Trainer]:
+    if recipe.objective == "contrastive":  # stage 0: image + text towers (vlm/contrastive)
+        from ..contrastive.train import ContrastiveTrainer
+
+        return ContrastiveTrainer
+    return Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        report = Trainer(recipe, resume=args.resume).run()
+        report = trainer_class(recipe)(recipe, resume=args.resume).run()
     except Exception as err:  # noqa: BLE001  one clear line per rank, then a non-zero exit for the launcher
         log.error("%s: %s", type(err).__name__, err)
         if os.environ.get("VLM_TRACEBACK"):

@@ -54,9 +54,7 @@ class MetricsLogger:
         """On resume, drop lines logged after the checkpoint so every step appears once."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def read(self) -> list[dict[str, Any]]:
@@ -77,6 +75,14 @@ class MetricsLogger:
         skipped = report.get("skipped_samples") or {}
         if skipped:
             log.warning("skipped samples: %s", skipped)
+
+
+def _step_of(line: str) -> float:
+    """A line's step; a line torn by a kill mid-write counts as after any checkpoint (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:

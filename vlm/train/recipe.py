@@ -7,6 +7,7 @@ one), so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -50,15 +51,31 @@ class LoraSettings:
 
 
 @dataclasses.dataclass
+class ContrastiveSettings:
+    """Stage 0 (`objective: contrastive`, vlm/contrastive): image + text towers trained on caption pairs."""
+
+    loss: Literal["infonce", "sigmoid"] = "infonce"  # CLIP's InfoNCE, or SigLIP's sigmoid (tower siglip)
+    projection_dim: int = 64  # CLIP's shared embedding width (SigLIP uses the towers' hidden size)
+
+    def __post_init__(self):
+        if self.projection_dim < 1:
+            raise RecipeError(f"contrastive.projection_dim must be >= 1, got {self.projection_dim}")
+
+
+@dataclasses.dataclass
 class Recipe:
-    stage: Literal[1, 2]
-    model: str  # checkpoint to start from: a `vlm init` base, or stage 1's output for stage 2
+    stage: Literal[0, 1, 2]
+    # checkpoint to start from: a `vlm init` base, or stage 1's output for stage 2; stage 0: a tower family
+    # (clip, siglip: tiny random-init dual encoder) or a stage 0 checkpoint
+    model: str
     output_dir: str
     data: list[DataSource]
     template: str = "chatml"  # chat template from vlm/templates.py: "plain" for stage 1, "chatml" for stage 2
     tune: Literal["connector", "full", "lora"] = "connector"  # what learns besides the (always frozen) tower
     init_connector_from: str | None = None  # a stage 1 checkpoint whose connector replaces the model's
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    objective: Literal["lm", "contrastive"] = "lm"  # contrastive: stage 0, max_length is the text length
+    contrastive: ContrastiveSettings = dataclasses.field(default_factory=ContrastiveSettings)
     deepspeed: str = "stages/zero2.json"
     # optimisation
     epochs: int = 1
@@ -80,6 +97,10 @@ class Recipe:
     # data handling
     group_by_length: bool = True
     pack: bool = False  # several samples per row, attention blocked across them
+    # Frozen-tower features computed once into a disk cache (safetensors shards keyed by image content and a
+    # tower/preprocessing fingerprint); later steps skip image decoding and the tower. PATH, "auto"
+    # ($VLM_FEATURE_CACHE or ~/.cache/vlm/features; off under ZeRO-3) or null (off). See train/feature_cache.py.
+    feature_cache: str | None = None
     on_bad_sample: Literal["raise", "skip"] = "raise"  # skip: count and report at the end
     # bookkeeping
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
@@ -109,10 +130,24 @@ class Recipe:
             raise RecipeError("learning rates must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise RecipeError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.gradient_clipping < 0 or self.weight_decay < 0:
+            raise RecipeError(
+                f"gradient_clipping and weight_decay must be >= 0, got {self.gradient_clipping}, "
+                f"{self.weight_decay}"
+            )
         if self.save_every < 0:
             raise RecipeError(f"save_every must be >= 0, got {self.save_every}")
         if not self.data:
             raise RecipeError("data: at least one data source is needed")
+        if (self.stage == 0) != (self.objective == "contrastive"):
+            raise RecipeError(
+                f"stage 0 is the contrastive stage and only it: got stage {self.stage} with objective "
+                f"{self.objective!r}"
+            )
+        if self.stage == 0 and self.tune != "full":
+            raise RecipeError(f"stage 0 trains both towers in full; tune must be 'full', got {self.tune!r}")
+        if self.stage == 0 and self.feature_cache is not None:
+            raise RecipeError("feature_cache needs a frozen tower; stage 0 trains it: set feature_cache=null")
         if self.stage == 1 and self.tune != "connector":
             raise RecipeError(
                 f"stage 1 trains only the connector; tune must be 'connector', got {self.tune!r}"
@@ -179,13 +214,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
         return build_dataclass(tp, value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML reads "1e-3" as a string
+            value = float(value)  # YAML reads "1e-3" as a string
         except ValueError:
             pass
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # nan passes every range check (all comparisons are False)
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
     if tp in (int, float, str, bool) and (
         not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     ):
@@ -226,14 +263,24 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
             raise RecipeError(f"override {override!r}: {part!r} is not a mapping")
-    target[parts[-1]] = yaml.safe_load(raw)
+    target[parts[-1]] = _yaml(raw, f"override {override!r}")
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = _yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a UTF-8 text file: {err}") from None
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     for override in overrides:

@@ -80,10 +80,11 @@ class TrainData:
             offset = 0
 
     def _batch(self, indices: list[int]) -> dict:
-        batch = self.collate([self.dataset[i] for i in indices])
+        items = [self.dataset[i] for i in indices]
+        batch = self.collate(items)
         if batch is None:
             # Skip mode dropped every sample of this micro-batch; the ranks must step together, so stop clearly.
-            ids = [self.dataset[i].id for i in indices]
+            ids = [getattr(item, "id", None) for item in items]  # all are SkippedSample here
             raise ValueError(f"every sample of a micro-batch was unreadable: {ids}")
         return batch
 

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.records import conversation_to_messages, record_images
+from ..media import load_strict
 from ..templates import get_template
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ def _open_rgb(path: str, sample_id: Any) -> Image.Image:
         raise SampleError(sample_id, "missing_image", f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() decodes every pixel, so truncated files fail here
+            load_strict(im)  # decodes every pixel, so truncated files fail here
+            return im.convert("RGB")
     except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
         raise SampleError(
             sample_id, "corrupt_image", f"cannot decode {path} ({type(e).__name__}: {e})"
