@@ -158,7 +158,7 @@ def write_section(
     markdown: str, path: Path = ROOT / "BENCHMARKS.md", title: str = "Performance (make bench)"
 ) -> None:
     """Replace (or append) the `## {title}` section, leaving the rest of the file as it is."""
-    text = path.read_text()
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = f"## {title}\n\n" + markdown.strip() + "\n"
     pattern = rf"^## {re.escape(title)}\n.*?(?=^## |\Z)"
     if re.search(pattern, text, flags=re.M | re.S):

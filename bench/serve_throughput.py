@@ -22,7 +22,6 @@ import asyncio
 import datetime
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -251,16 +250,6 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({cpu}), no GPU; {vllm_version}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def write_section(markdown: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## Serving\n\n" + markdown.strip() + "\n"
-    if re.search(r"^## Serving\n", text, flags=re.M):
-        text = re.sub(r"^## Serving\n.*?(?=^## |\Z)", section + "\n", text, count=1, flags=re.M | re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -362,7 +351,9 @@ def main() -> int:
     )
     print("\n" + markdown)
     if not args.no_write:
-        write_section(markdown)
+        from perf_report import write_section  # the one BENCHMARKS.md section writer
+
+        write_section(markdown, title="Serving")
         print(f"\nwrote the Serving section of {ROOT / 'BENCHMARKS.md'}")
     return 0
 

@@ -15,6 +15,7 @@ import struct
 import threading
 import urllib.parse
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -359,19 +360,24 @@ def test_redirect_loops_stop(redirector):
 # -- URL forms: local files ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def media_root(tmp_path):
-    allowed = tmp_path / "allowed"
+def build_media_root(root: Path) -> Path:
+    """root/allowed (the allowed media dir) with traps: links out, /dev/zero, a fifo, an oversized sparse file."""
+    allowed = root / "allowed"
     (allowed / "sub").mkdir(parents=True)
     (allowed / "ok.png").write_bytes(png_bytes(noise_image(2)))
-    (tmp_path / "secret.png").write_bytes(png_bytes(noise_image(3)))
-    (allowed / "link.png").symlink_to(tmp_path / "secret.png")
-    (allowed / "dirlink").symlink_to(tmp_path)
+    (root / "secret.png").write_bytes(png_bytes(noise_image(3)))
+    (allowed / "link.png").symlink_to(root / "secret.png")
+    (allowed / "dirlink").symlink_to(root)
     (allowed / "zero.png").symlink_to("/dev/zero")
     os.mkfifo(allowed / "fifo.png")
     with open(allowed / "sparse.png", "wb") as f:
         f.truncate(MediaPolicy.max_image_bytes + 1)
     return allowed
+
+
+@pytest.fixture
+def media_root(tmp_path):
+    return build_media_root(tmp_path)
 
 
 def file_url_forms(allowed) -> dict[str, int]:

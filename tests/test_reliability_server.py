@@ -15,7 +15,14 @@ import urllib.request
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_reliability_guard import SSRF_HOSTS, file_url_forms, gif_header, jpeg_header, png_header
+from test_reliability_guard import (
+    SSRF_HOSTS,
+    build_media_root,
+    file_url_forms,
+    gif_header,
+    jpeg_header,
+    png_header,
+)
 from test_serve import MODEL, Server
 from vllm_helpers import data_url, noise_image, png_bytes, tiny_checkpoint
 
@@ -29,18 +36,7 @@ EXTRA_ROUTES = [("GET", p) for p in ("/docs", "/redoc", "/docs/oauth2-redirect",
 
 @pytest.fixture(scope="module")
 def media_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    allowed = root / "allowed"
-    (allowed / "sub").mkdir(parents=True)
-    (allowed / "ok.png").write_bytes(png_bytes(noise_image(2)))
-    (root / "secret.png").write_bytes(png_bytes(noise_image(3)))
-    (allowed / "link.png").symlink_to(root / "secret.png")
-    (allowed / "dirlink").symlink_to(root)
-    (allowed / "zero.png").symlink_to("/dev/zero")
-    os.mkfifo(allowed / "fifo.png")
-    with open(allowed / "sparse.png", "wb") as f:
-        f.truncate(20 * 1024 * 1024 + 1)
-    return allowed
+    return build_media_root(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,18 @@ def _is_preflight(scope) -> bool:
     return scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers
 
 
+def bearer_authorized(authorization: str, key_hashes: list[bytes]) -> bool:
+    """An `Authorization: Bearer KEY` header against SHA-256 digests, in constant time; no keys: open."""
+    if not key_hashes:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    digest = hashlib.sha256(token.encode()).digest()
+    ok = False
+    for key in key_hashes:
+        ok |= secrets.compare_digest(digest, key)
+    return scheme.lower() == "bearer" and ok
+
+
 class MediaGuard:
     def __init__(self, app, config: GuardConfig | None = None):
         self.app = app
@@ -213,15 +225,8 @@ class MediaGuard:
         self._key_hashes = [bytes.fromhex(h) for h in self.config.api_key_sha256]
 
     def _authorized(self, scope) -> bool:
-        if not self._key_hashes:
-            return True
         headers = dict(scope.get("headers") or [])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        digest = hashlib.sha256(token.encode()).digest()
-        ok = False
-        for key in self._key_hashes:
-            ok |= secrets.compare_digest(digest, key)
-        return scheme.lower() == "bearer" and ok
+        return bearer_authorized(headers.get(b"authorization", b"").decode("latin-1"), self._key_hashes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):

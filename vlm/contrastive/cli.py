@@ -168,12 +168,7 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", action="append", default=None, help="a text (repeatable)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 if __name__ == "__main__":
+    from ..cli import main  # the one `vlm` entry point; these subcommands are registered there
+
     sys.exit(main())

@@ -8,11 +8,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from ..train.run_data import EpochBatches
 from ..train.sampling import DistributedShuffleSampler
 from .model import tokenize
 
@@ -70,7 +70,7 @@ def readable(pairs: list[Pair], on_bad: str) -> tuple[list[Pair], Counter]:
     return good, skipped
 
 
-class PairData:
+class PairData(EpochBatches):
     """Micro-batches of (pixel_values, input_ids, attention_mask), resumable like vlm/train/run_data.TrainData."""
 
     def __init__(self, recipe, tokenizer, image_processor, rank: int, world_size: int):
@@ -82,17 +82,8 @@ class PairData:
         self.sampler = DistributedShuffleSampler(len(self.pairs), per_step, recipe.seed, world_size, rank)
         self.batches_per_epoch = self.sampler.epoch_length // self.micro
 
-    def epoch_of(self, micro_done: int) -> float:
-        return micro_done / self.batches_per_epoch
-
-    def iterate(self, micro_done: int = 0) -> Iterator[dict]:
-        epoch, offset = divmod(micro_done, self.batches_per_epoch)
-        for e in range(epoch, self.recipe.epochs):
-            self.sampler.set_epoch(e)
-            order = self.sampler.rank_order()
-            for b in range(offset, self.batches_per_epoch):
-                yield self.batch([self.pairs[int(i)] for i in order[b * self.micro : (b + 1) * self.micro]])
-            offset = 0
+    def _batch(self, indices: list[int]) -> dict:
+        return self.batch([self.pairs[i] for i in indices])
 
     def batch(self, pairs: list[Pair]) -> dict:
         pixels = self.image_processor([open_image(p.image) for p in pairs], return_tensors="pt")

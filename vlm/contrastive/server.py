@@ -12,14 +12,12 @@ parts (images). Errors use the OpenAI error shape.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import secrets
 from pathlib import Path
 
 import anyio
 
-from ..guard import error_response, key_digest
+from ..guard import bearer_authorized, error_response, key_digest
 from ..media import MediaError, MediaPolicy, load_image_url
 from .embed import Encoder
 
@@ -81,14 +79,7 @@ def embed_inputs(encoder: Encoder, inputs: list[tuple[str, object]]) -> list[lis
 
 
 def _authorized(request, key_hashes: list[bytes]) -> bool:
-    if not key_hashes:
-        return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    digest = hashlib.sha256(token.encode()).digest()
-    ok = False
-    for key in key_hashes:
-        ok |= secrets.compare_digest(digest, key)
-    return scheme.lower() == "bearer" and ok
+    return bearer_authorized(request.headers.get("authorization", ""), key_hashes)
 
 
 def build_app(encoder: Encoder, model_name: str, api_keys: list[str], policy: MediaPolicy):

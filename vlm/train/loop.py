@@ -205,7 +205,7 @@ class Trainer:
     def _setup_throughput(self) -> None:
         """The FLOP model for tflops_per_s and MFU (lm objective only; see flops.py for what it counts)."""
         self.flop_model, self.peak_flops = None, None
-        if getattr(self.recipe, "objective", "lm") != "lm":
+        if self.recipe.objective != "lm":
             return
         self.flop_model = FlopModel.for_model(
             vlm_of(self.engine.module), llm_trains=self.recipe.tune == "full"

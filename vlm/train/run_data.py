@@ -18,7 +18,28 @@ from .sampling import DistributedShuffleSampler, LengthGroupedSampler
 log = logging.getLogger("vlm.train")
 
 
-class TrainData:
+class EpochBatches:
+    """Resumable micro-batches: subclasses set `recipe`, `micro`, `sampler`, `batches_per_epoch` and `_batch`."""
+
+    def epoch_of(self, micro_done: int) -> float:
+        return micro_done / self.batches_per_epoch
+
+    def iterate(self, micro_done: int = 0) -> Iterator[dict]:
+        """Micro-batches from position `micro_done` to the end of the last epoch."""
+        epoch, offset = divmod(micro_done, self.batches_per_epoch)
+        for e in range(epoch, self.recipe.epochs):
+            self.sampler.set_epoch(e)
+            order = self.sampler.rank_order()
+            for b in range(offset, self.batches_per_epoch):
+                indices = order[b * self.micro : (b + 1) * self.micro]
+                yield self._batch([int(i) for i in indices])
+            offset = 0
+
+    def _batch(self, indices: list[int]) -> dict:
+        raise NotImplementedError
+
+
+class TrainData(EpochBatches):
     def __init__(
         self, recipe: Recipe, processor, rank: int, world_size: int, attn_implementation: str = "sdpa"
     ):
@@ -64,20 +85,6 @@ class TrainData:
         # SDPA takes a boolean block-diagonal mask.
         mask = {"flash_attention_2": "none", "eager": "float"}.get(attn_implementation, "bool")
         return PackingCollator(pad_id, max_length=recipe.max_length, mask=mask)
-
-    def epoch_of(self, micro_done: int) -> float:
-        return micro_done / self.batches_per_epoch
-
-    def iterate(self, micro_done: int = 0) -> Iterator[dict]:
-        """Micro-batches from position `micro_done` to the end of the last epoch."""
-        epoch, offset = divmod(micro_done, self.batches_per_epoch)
-        for e in range(epoch, self.recipe.epochs):
-            self.sampler.set_epoch(e)
-            order = self.sampler.rank_order()
-            for b in range(offset, self.batches_per_epoch):
-                indices = order[b * self.micro : (b + 1) * self.micro]
-                yield self._batch([int(i) for i in indices])
-            offset = 0
 
     def _batch(self, indices: list[int]) -> dict:
         items = [self.dataset[i] for i in indices]
