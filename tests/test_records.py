@@ -217,3 +217,16 @@ def test_conversation_to_messages():
     assert [m["role"] for m in conversation_to_messages(turns)] == ["user", "assistant"]
     with pytest.raises(ValueError, match="unknown role 'bot'"):
         conversation_to_messages([{"from": "bot", "value": "x"}])
+
+
+@pytest.mark.parametrize("big", [-(2**63) - 1, 2**64])
+def test_an_integer_beyond_64_bits_is_named_by_line_not_lost_in_datasets(tmp_path, big):
+    """Found by fuzzing: `datasets` (ujson/Arrow) cannot hold it and raised an error naming no record."""
+    path = tmp_path / "data.jsonl"
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    bad = {**good, "id": "big", "extra": {"n": [1, big]}}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=rf"data\.jsonl:2: the integer {big} is outside the 64-bit range"):
+        load_llava_dataset(path)
+    report = check_file(path)
+    assert not report.ok and any("64-bit range" in m for _, _, m in report.problems), report.problems

@@ -57,11 +57,15 @@ def server(tmp_path_factory, media_root):
         started.stop()
 
 
-def call(server, method: str, path: str, body: bytes | None = b"{}", key: str | None = KEY, timeout=120):
-    """(status, parsed JSON or text) of one raw HTTP request."""
+def call(
+    server, method: str, path: str, body: bytes | None = b"{}", key: str | None = KEY, timeout=120, auth=None
+):
+    """(status, parsed JSON or text) of one raw HTTP request; `auth` is a raw Authorization value."""
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
+    if auth is not None:
+        headers["Authorization"] = auth
     data = body if method in ("POST", "PUT", "PATCH") else None
     request = urllib.request.Request(server.base + path, data=data, headers=headers, method=method)
     try:
@@ -109,9 +113,22 @@ def test_every_mounted_route_but_health_needs_the_key(server):
         if path in OPEN_PATHS:
             assert call(server, method, path, key=None)[0] == 200, (method, path)
             continue
-        for key in (None, "wrong", KEY + " "):
+        for key in (None, *WRONG_KEYS):
             status, _ = call(server, method, path, key=key)
             assert status == 401, (method, path, key, status)
+
+
+# Keys that differ from KEY in a byte that is not whitespace around the header's field value: all refused.
+WRONG_KEYS = ["wrong", KEY[:-1], KEY + "x", "x" + KEY, KEY[:4] + " " + KEY[4:], KEY.upper(), KEY + "\u00a0"]
+# RFC 9110: a field value excludes leading and trailing whitespace, whatever the server version strips.
+PADDED = [f"Bearer {KEY} ", f" Bearer {KEY}", f"\tBearer {KEY}\t", f"Bearer  {KEY}"]
+
+
+def test_a_padded_key_is_the_key_and_any_other_byte_refuses_it(server):
+    for auth in PADDED:
+        assert call(server, "GET", "/v1/models", auth=auth)[0] == 200, repr(auth)
+    for key in WRONG_KEYS:
+        assert call(server, "GET", "/v1/models", key=key)[0] == 401, repr(key)
 
 
 def test_the_key_is_in_no_process_environment_and_no_log(server):

@@ -207,10 +207,16 @@ def _is_preflight(scope) -> bool:
 
 
 def bearer_authorized(authorization: str, key_hashes: list[bytes]) -> bool:
-    """An `Authorization: Bearer KEY` header against SHA-256 digests, in constant time; no keys: open."""
+    """An `Authorization: Bearer KEY` header against SHA-256 digests, in constant time; no keys: open.
+
+    The field value is read as RFC 9110 defines it, without leading or trailing whitespace (servers differ in
+    whether they strip it first: uvicorn >= 0.55 does), and RFC 7235 allows one or more spaces after the
+    scheme. Any other byte of difference refuses the key.
+    """
     if not key_hashes:
         return True
-    scheme, _, token = authorization.partition(" ")
+    scheme, _, token = authorization.strip(" \t").partition(" ")
+    token = token.lstrip(" ")
     digest = hashlib.sha256(token.encode()).digest()
     ok = False
     for key in key_hashes:

@@ -74,11 +74,37 @@ def _image_problem(path: Path, cache: dict[Path, str | None] | None) -> str | No
     return problem
 
 
+# `datasets` parses JSON lines with ujson/Arrow, which hold integers in [-2**63, 2**64 - 1] only; Python's json
+# reads any size, so a larger one passes our checks and then fails inside `datasets` naming no record.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _oversized_int(value: Any) -> int | None:
+    """The first integer anywhere in a parsed JSON value that `datasets` cannot load, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
+            return item
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _oversized_problem(record: Any) -> str | None:
+    big = _oversized_int(record)
+    if big is None:
+        return None
+    return f"the integer {str(big):.40} is outside the 64-bit range a dataset loader can hold"
+
+
 def _problems(record: Any, image_root: Path | None, cache: dict[Path, str | None] | None = None) -> list[str]:
     """Bare problem messages (without the record's name)."""
     if not isinstance(record, dict):
         return [f"not a JSON object (got {type(record).__name__})"]
-    problems: list[str] = []
+    problems: list[str] = [p for p in (_oversized_problem(record),) if p]
 
     image = record.get("image")
     images: list[str] = []
@@ -304,7 +330,9 @@ def _check_objects(path: Path) -> None:
 
 
 def _first_problem(path: Path) -> str | None:
-    for n, _, err in iter_file(path):
+    """The first record `datasets` cannot parse, named by its line: bad JSON or an integer beyond 64 bits."""
+    for n, record, err in iter_file(path):
+        err = err or _oversized_problem(record)
         if err:
             return f"{path}:{n}: {err}"
     return None
