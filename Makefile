@@ -38,6 +38,7 @@ LOCK        ?= requirements/$(FLAVOUR).lock
 PIP_LOCKED   = $(BIN)/python -m pip install --quiet -c $(LOCK)
 SERVE_CKPT  ?= $(if $(wildcard $(RUNS)/$(CONNECTOR)/$(STAGE2)/final/config.json),$(RUNS)/$(CONNECTOR)/$(STAGE2)/final,$(CKPT_DIR)/base-$(CONNECTOR))
 PORT        ?= 8000
+SERVE_PRESET ?= serve/$(FLAVOUR).yaml
 SERVE_ARGS  ?=
 CAPTIONS    ?= $(RUNS)/captions.jsonl
 # Evaluation: the stage 2 checkpoint of CONNECTOR on the held-out synthetic splits (EVAL_ENGINE=hf: transformers;
@@ -168,7 +169,7 @@ lock-gpu:
 	rm -rf $(LOCK_VENV)
 
 serve: $(STAMP) $(SERVE_CKPT)/config.json
-	$(BIN)/vlm serve $(SERVE_CKPT) --host 127.0.0.1 --port $(PORT) $(SERVE_ARGS)
+	$(BIN)/vlm serve $(SERVE_CKPT) --config $(SERVE_PRESET) --port $(PORT) $(SERVE_ARGS)
 
 caption: $(STAMP) data $(SERVE_CKPT)/config.json
 	$(BIN)/vlm caption $(SERVE_CKPT) --images $(DATA)/images/eval --out $(CAPTIONS)
@@ -206,9 +207,11 @@ FUZZ_TESTS ?= tests/test_reliability_guard.py tests/test_reliability_inputs.py t
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q $(FUZZ_TESTS)
 
+# The import contract (pyproject.toml, [tool.importlinter]): a lower layer importing a higher one fails lint.
 lint: $(STAMP)
 	$(BIN)/ruff check vlm tests bench
 	$(BIN)/ruff format --check vlm tests bench
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format vlm tests bench

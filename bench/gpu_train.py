@@ -80,7 +80,7 @@ def with_features(model, samples: list[dict], device, dtype) -> list[dict]:
 def batches(
     samples: list[dict], micro: int, pack: bool, max_length: int, pad_id: int, attn: str
 ) -> list[dict]:
-    from vlm.train.collate import Collator, PackingCollator
+    from vlm.data.collate import Collator, PackingCollator
 
     # flex_attention builds its block mask from the position_ids resets; SDPA takes the boolean 4D mask.
     mask = "none" if attn == "flex_attention" else "bool"
@@ -91,7 +91,7 @@ def batches(
 
 
 def run_variant(model, data: list[dict], steps: int, warmup: int, device, flop_model, peak) -> dict:
-    from vlm.train.collate import model_inputs
+    from vlm.data.collate import model_inputs
     from vlm.train.flops import batch_flops
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -6,7 +6,7 @@ Lengths are token counts with the image placeholders included. The LLaVA-like di
 not the real file: 94% of samples carry one 576-token image (CLIP ViT-L/14-336) plus lognormal text around a
 median of 120 tokens (multi-turn conversations make a long tail), 6% are text-only (ShareGPT-like, median 400),
 all capped at max_length 2048. Padding is counted exactly as the collators would produce it
-(`vlm.train.collate.padding_fraction`) for batches in random order, length-grouped order (LLaVA's
+(`vlm.data.collate.padding_fraction`) for batches in random order, length-grouped order (LLaVA's
 group_by_length) and packed into rows of <= max_length.
 """
 
@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from vlm.train.collate import padding_fraction
-from vlm.train.sampling import LengthGroupedSampler
+from vlm.data.collate import padding_fraction
+from vlm.data.sampling import LengthGroupedSampler
 
 IMAGE_TOKENS = 576
 
@@ -54,7 +54,7 @@ def synthetic_lengths(
     """Token counts (placeholders included) of a LLaVA JSONL under a checkpoint's processor."""
     from vlm.data.records import load_llava_dataset
     from vlm.processing import VLMProcessor
-    from vlm.train.samples import SupervisedDataset
+    from vlm.data.samples import SupervisedDataset
 
     processor = VLMProcessor.from_pretrained(checkpoint)
     records = load_llava_dataset(path)

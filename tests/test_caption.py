@@ -12,7 +12,7 @@ import time
 import pytest
 from vllm_helpers import noise_image, png_bytes, tiny_checkpoint
 
-from vlm.caption import list_images, read_done
+from vlm.serve.caption import list_images, read_done
 
 
 def test_read_done_cuts_a_torn_last_line(tmp_path):

@@ -318,7 +318,7 @@ def test_embeddings_server(encoder, pngs):
     from starlette.testclient import TestClient
 
     from vlm.contrastive.server import build_app
-    from vlm.media import MediaPolicy
+    from vlm.serve.media import MediaPolicy
 
     _, paths = pngs
     client = TestClient(

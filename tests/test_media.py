@@ -1,11 +1,11 @@
-"""The untrusted-input rules of `vlm.media`, without a server (the end-to-end checks are in test_serve.py)."""
+"""The untrusted-input rules of `vlm.serve.media`, without a server (the end-to-end checks are in test_serve.py)."""
 
 from __future__ import annotations
 
 import pytest
 from vllm_helpers import data_url, noise_image, png_bytes
 
-from vlm.media import MediaError, MediaPolicy, decode_image, load_image_url, parse_data_url
+from vlm.serve.media import MediaError, MediaPolicy, decode_image, load_image_url, parse_data_url
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlm.data.records import load_llava_dataset
 from vlm.data.synth import generate
-from vlm.train.collate import Collator, PackingCollator, model_inputs
+from vlm.data.collate import Collator, PackingCollator, model_inputs
 from vlm.train.feature_cache import (
     FeatureCacheError,
     build_feature_cache,
@@ -25,7 +25,7 @@ from vlm.train.feature_cache import (
     setup_feature_cache,
 )
 from vlm.train.flops import FlopModel, batch_flops, peak_flops
-from vlm.train.samples import SampleError, SkippedSample, SupervisedDataset
+from vlm.data.samples import SampleError, SkippedSample, SupervisedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ from PIL import Image
 from vllm_helpers import data_url, noise_image, png_bytes
 
 from vlm import media
-from vlm.guard import GuardConfig, MediaGuard, RequestError, check_request, key_digest, parse_body
-from vlm.media import MediaError, MediaPolicy, load_image_url
+from vlm.serve.guard import GuardConfig, MediaGuard, RequestError, check_request, key_digest, parse_body
+from vlm.serve.media import MediaError, MediaPolicy, load_image_url
 
 IMAGE_TOKEN_ID = 7
 CONFIG = GuardConfig(served_model_names=["m"], max_images=2, image_token_id=IMAGE_TOKEN_ID)
@@ -186,7 +186,7 @@ def test_hostile_chat_content_gets_a_4xx_or_passes_vetted(content):
 @pytest.mark.parametrize("n_parts", [3, 5000])
 def test_many_image_parts_are_refused_before_any_is_decoded(n_parts, monkeypatch):
     decoded = []
-    monkeypatch.setattr("vlm.guard.load_image_url", lambda *a: decoded.append(a))
+    monkeypatch.setattr("vlm.serve.guard.load_image_url", lambda *a: decoded.append(a))
     body = chat_body([image_part(data_url(png_bytes(noise_image(1))))] * n_parts)
     assert outcome(body) == 400 and not decoded
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vlm.data.records import load_llava_dataset, validate_record
 from vlm.train.recipe import Recipe, RecipeError, load_recipe
-from vlm.train.samples import SampleError, SupervisedDataset
+from vlm.data.samples import SampleError, SupervisedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

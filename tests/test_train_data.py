@@ -13,8 +13,8 @@ from PIL import Image
 from vlm.data.records import load_llava_dataset
 from vlm.templates import ChatTemplate
 from vlm.train import samples as samples_mod
-from vlm.train.collate import Collator, PackingCollator, model_inputs, pack_samples, padding_fraction
-from vlm.train.samples import (
+from vlm.data.collate import Collator, PackingCollator, model_inputs, pack_samples, padding_fraction
+from vlm.data.samples import (
     IGNORE_INDEX,
     SampleError,
     SkippedSample,
@@ -23,7 +23,7 @@ from vlm.train.samples import (
     load_images,
     mix_datasets,
 )
-from vlm.train.sampling import DistributedShuffleSampler, LengthGroupedSampler
+from vlm.data.sampling import DistributedShuffleSampler, LengthGroupedSampler
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0), "black": (0, 0, 0)}
 

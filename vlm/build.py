@@ -21,6 +21,7 @@ from transformers import (
 from .config import VLMConfig
 from .connectors import connector_config_from_dict, get_connector_class
 from .model import VLMForConditionalGeneration
+from .plugins import load_plugin
 from .presets import LLM_PRESETS, TOWER_PRESETS
 from .processing import VLMProcessor
 from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, get_template
@@ -30,14 +31,17 @@ from .towers import load_tower, tower_spec
 log = logging.getLogger(__name__)
 
 TINY_VOCAB_SIZE = 512
+CORPUS_GROUP, TINY_CORPUS = "vlm.tokenizer_corpora", "synthetic"
 
 
 def tokenizer_corpus(seed: int) -> list[str]:
-    """Text the tiny tokenizer learns from: the synthetic captions/QA plus the chat scaffolding."""
-    from .data.synth import corpus_texts
+    """Text the tiny tokenizer learns from: the synthetic world's captions/QA plus the chat scaffolding.
 
+    The world's text comes through the `vlm.tokenizer_corpora` entry point ("synthetic" is vlm.data.synth's):
+    the data layer sits above this one, so the core names it and never imports it.
+    """
     scaffolding = ["system", "user", "assistant", "You are a helpful assistant.", "Describe the image."]
-    return corpus_texts(seed=seed) + scaffolding
+    return load_plugin(CORPUS_GROUP, TINY_CORPUS)(seed=seed) + scaffolding
 
 
 def resolve_vision(tower: str, **overrides) -> tuple[PretrainedConfig, PreTrainedModel | None, str | None]:

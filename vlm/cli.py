@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .logs import setup_logging
 from .presets import LLM_PRESETS, TOWER_PRESETS
 
 
@@ -141,11 +142,11 @@ def add_tokens_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .caption import add_caption_parser
+    from .serve.caption import add_caption_parser
     from .contrastive.cli import add_parser as add_contrastive_parser
     from .data.cli import add_parser as add_data_parser
     from .eval.cli import add_eval_parser
-    from .serve import add_serve_parser
+    from .serve.server import add_serve_parser
     from .train.launch import add_train_parser
 
     parser = argparse.ArgumentParser(prog="vlm", description=__doc__)
@@ -164,13 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
-    # bitsandbytes warns on import that an optional CPU kernel package is absent; nothing here depends on it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
     try:
+        if getattr(args, "config", None) and getattr(args, "preset", None):
+            # A preset becomes the subcommand's defaults, then the command line is read again, so every flag
+            # given there overrides it wherever it stands.
+            subparser, load = args.preset
+            subparser.set_defaults(**load(args.config, subparser))
+            args = parser.parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as err:  # user errors: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 
-from .templates import IMAGE_TOKEN
+from .constants import IMAGE_TOKEN
 
 
 class VLMProcessor(ProcessorMixin):

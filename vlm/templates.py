@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-IMAGE_TOKEN = "<image>"
+from .constants import IMAGE_TOKEN
+
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 CKPT_HELP = "stage 0 checkpoint directory (vlm train stages/stage0.yaml -> runs/stage0/final)"
@@ -166,9 +165,3 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", default=None, help="image files and/or directories")
     p.add_argument("--texts", type=Path, default=None, help="a file of texts, one per line")
     p.add_argument("--text", action="append", default=None, help="a text (repeatable)")
-
-
-if __name__ == "__main__":
-    from ..cli import main  # the one `vlm` entry point; these subcommands are registered there
-
-    sys.exit(main())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..train.run_data import EpochBatches
-from ..train.sampling import DistributedShuffleSampler
+from ..data.epochs import EpochBatches
+from ..data.sampling import DistributedShuffleSampler
 from .model import tokenize
 
 log = logging.getLogger("vlm.contrastive")

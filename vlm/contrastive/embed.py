@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..constants import IMAGE_SUFFIXES
 from .data import open_image
 from .losses import MAX_LOGIT_SCALE
 from .model import load_dual_encoder, tokenize, tower_fingerprint
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 class Encoder:

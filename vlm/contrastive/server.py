@@ -17,8 +17,8 @@ from pathlib import Path
 
 import anyio
 
-from ..guard import bearer_authorized, error_response, key_digest
-from ..media import MediaError, MediaPolicy, load_image_url
+from ..serve.guard import bearer_authorized, error_response, key_digest
+from ..serve.media import MediaError, MediaPolicy, load_image_url
 from .embed import Encoder
 
 log = logging.getLogger("vlm.contrastive")
@@ -124,7 +124,7 @@ def build_app(encoder: Encoder, model_name: str, api_keys: list[str], policy: Me
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..serve import _is_loopback, api_keys
+    from ..serve.server import _is_loopback, api_keys
 
     if not _is_loopback(args.host):
         raise ValueError(

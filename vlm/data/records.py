@@ -21,7 +21,8 @@ from typing import Any
 
 from PIL import Image
 
-IMAGE_TOKEN = "<image>"
+from ..constants import IMAGE_TOKEN
+
 ROLE_TO_CHAT = {
     "human": "user",
     "user": "user",

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from .samples import SampleError, SkippedSample, load_images
+from ..data.samples import SampleError, SkippedSample, load_images
 
 log = logging.getLogger("vlm.train")
 

@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 
 from .checkpoints import CheckpointManager
-from .collate import model_inputs
+from ..data.collate import model_inputs
 from .feature_cache import setup_feature_cache
 from .flops import FlopModel, batch_flops, device_peak_flops
 from .freeze import apply_freeze_policy, format_parameter_table, param_groups, parameter_counts, vlm_of
 from .metrics import MetricsLogger
+from ..constants import IGNORE_INDEX
+from ..logs import setup_logging
+from . import objectives
 from .modeling import attn_implementation_for, load_model_for_training, precision_for, save_final_checkpoint
 from .recipe import Recipe, load_recipe
 from .run_data import build_train_data
@@ -134,7 +137,7 @@ class Trainer:
         if self.rank == 0:
             log.info(self.parameter_report(model))
 
-    # -- objective hooks (vlm/contrastive/train.py overrides them, and train_step, for stage 0) ---------------
+    # -- objective hooks (an objective's trainer overrides them, and train_step: vlm/contrastive/train.py) -----
     def build_model(self):
         """The module to train, with the recipe's freeze policy applied; sets self.processor."""
         model, self.processor = load_model_for_training(self.recipe, self.ds_config, self.attn)
@@ -169,7 +172,7 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, int, int]:
         """Forward/backward over the accumulation window; returns (loss, supervised tokens, samples), global."""
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         local_samples = sum(b.get("n_samples", len(b["ids"])) for b in micro_batches)
         counts = all_reduce_sum(torch.tensor([local_tokens, local_samples], dtype=torch.float64))
         global_tokens, global_samples = int(counts[0]), int(counts[1])
@@ -289,11 +292,7 @@ class Trainer:
 
 
 def trainer_class(recipe: Recipe) -> type[Trainer]:
-    if recipe.objective == "contrastive":  # stage 0: image + text towers (vlm/contrastive)
-        from ..contrastive.train import ContrastiveTrainer
-
-        return ContrastiveTrainer
-    return Trainer
+    return objectives.trainer_class(recipe.objective)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         report = trainer_class(recipe)(recipe, resume=args.resume).run()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from ..suggest import did_you_mean
+from .objectives import available_objectives
 
 
 class RecipeError(ValueError):
@@ -74,7 +75,7 @@ class Recipe:
     tune: Literal["connector", "full", "lora"] = "connector"  # what learns besides the (always frozen) tower
     init_connector_from: str | None = None  # a stage 1 checkpoint whose connector replaces the model's
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
-    objective: Literal["lm", "contrastive"] = "lm"  # contrastive: stage 0, max_length is the text length
+    objective: str = "lm"  # a name in vlm/train/objectives.py; contrastive: stage 0, max_length = text length
     contrastive: ContrastiveSettings = dataclasses.field(default_factory=ContrastiveSettings)
     deepspeed: str = "stages/zero2.json"
     # optimisation
@@ -139,6 +140,12 @@ class Recipe:
             raise RecipeError(f"save_every must be >= 0, got {self.save_every}")
         if not self.data:
             raise RecipeError("data: at least one data source is needed")
+        known = available_objectives()
+        if self.objective not in known:
+            raise RecipeError(
+                f"objective: unknown {self.objective!r}{did_you_mean(self.objective, known)}; known: "
+                f"{', '.join(known)}"
+            )
         if (self.stage == 0) != (self.objective == "contrastive"):
             raise RecipeError(
                 f"stage 0 is the contrastive stage and only it: got stage {self.stage} with objective "

@@ -7,36 +7,15 @@ exact micro-batch the checkpoint was written after (the per-epoch order depends 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
+from ..data.collate import Collator, PackingCollator
+from ..data.epochs import EpochBatches
 from ..data.records import load_llava_dataset
-from .collate import Collator, PackingCollator
+from ..data.samples import SupervisedDataset, mix_datasets
+from ..data.sampling import DistributedShuffleSampler, LengthGroupedSampler
 from .recipe import Recipe
-from .samples import SupervisedDataset, mix_datasets
-from .sampling import DistributedShuffleSampler, LengthGroupedSampler
 
 log = logging.getLogger("vlm.train")
-
-
-class EpochBatches:
-    """Resumable micro-batches: subclasses set `recipe`, `micro`, `sampler`, `batches_per_epoch` and `_batch`."""
-
-    def epoch_of(self, micro_done: int) -> float:
-        return micro_done / self.batches_per_epoch
-
-    def iterate(self, micro_done: int = 0) -> Iterator[dict]:
-        """Micro-batches from position `micro_done` to the end of the last epoch."""
-        epoch, offset = divmod(micro_done, self.batches_per_epoch)
-        for e in range(epoch, self.recipe.epochs):
-            self.sampler.set_epoch(e)
-            order = self.sampler.rank_order()
-            for b in range(offset, self.batches_per_epoch):
-                indices = order[b * self.micro : (b + 1) * self.micro]
-                yield self._batch([int(i) for i in indices])
-            offset = 0
-
-    def _batch(self, indices: list[int]) -> dict:
-        raise NotImplementedError
 
 
 class TrainData(EpochBatches):

@@ -1,6 +1,6 @@
 """Untrusted image input: decode safely, fetch URLs without SSRF, read local files only inside an allowed root.
 
-Shared by the server's guard (`vlm.guard`) and batch captioning (`vlm.caption`). Every refusal is a `MediaError`
+Shared by the server's guard (`vlm.serve.guard`) and batch captioning (`vlm.serve.caption`). Every refusal is a `MediaError`
 carrying the HTTP status it should become and a message that says what was wrong.
 """
 
@@ -20,7 +20,9 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import Image
+
+from ..data.images import load_strict
 
 MAX_REDIRECTS = 3
 
@@ -38,19 +40,6 @@ class MediaPolicy:
     allowed_local_media_path: str | None = None  # file:// is refused unless the file is under this directory
     allow_private_urls: bool = False  # http(s) to loopback/private/link-local addresses (SSRF) is refused
     fetch_timeout_s: float = 10.0
-
-
-def load_strict(image: Image.Image) -> None:
-    """`image.load()` that fails on truncated data, whatever `ImageFile.LOAD_TRUNCATED_IMAGES` says.
-
-    A truncated file must be an error, never a silently half-grey picture; and the flag is process-global, so
-    another library (lmms-eval sets it to True on import) could otherwise turn that off for us.
-    """
-    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        image.load()
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def decode_image(data: bytes, policy: MediaPolicy, what: str = "image") -> Image.Image:

@@ -31,13 +31,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data.records import conversation_to_messages, record_images
-from ..media import load_strict
+from .records import conversation_to_messages, record_images
+from .images import load_strict
+from ..constants import IGNORE_INDEX
 from ..templates import get_template
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 OnError = Literal["raise", "skip"]
 
 __all__ = [

@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..constants import IMAGE_SUFFIXES
 from .media import MediaError, MediaPolicy, decode_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe the image."
 
 
@@ -84,7 +84,7 @@ def batches(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 def caption_prompt(checkpoint: Path, prompt: str) -> str:
-    from .processing import VLMProcessor
+    from ..processing import VLMProcessor
 
     processor = VLMProcessor.from_pretrained(str(checkpoint))
     content = [{"type": "image"}, {"type": "text", "text": prompt}]

@@ -31,10 +31,10 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ..config import VLMConfig
-from ..connectors import build_connector
-from ..templates import IMAGE_TOKEN
-from ..towers import build_tower, select_features, tower_spec
+from ...config import VLMConfig
+from ...connectors import build_connector
+from ...constants import IMAGE_TOKEN
+from ...towers import build_tower, select_features, tower_spec
 from .processing import VLMDummyInputsBuilder, VLMMultiModalProcessor, VLMProcessingInfo
 
 

@@ -21,8 +21,8 @@ from vllm.multimodal.processing import (
 )
 from vllm.transformers_utils.processor import cached_image_processor_from_config
 
-from ..config import VLMConfig
-from ..templates import IMAGE_TOKEN
+from ...config import VLMConfig
+from ...constants import IMAGE_TOKEN
 
 
 class VLMProcessingInfo(BaseProcessingInfo):

@@ -36,7 +36,7 @@ def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
         "--served-model-name", served_name,
         "--dtype", args.dtype,
         "--limit-mm-per-prompt", f'{{"image": {args.max_images}}}',
-        "--middleware", "vlm.guard.MediaGuard",
+        "--middleware", "vlm.serve.guard.MediaGuard",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     if args.max_model_len:
@@ -103,9 +103,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_preset(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict:
+    """A serving preset (serve/cpu.yaml): option names as the flags spell them, with `_` or `-`.
+
+    Unknown keys are an error naming the file and the closest option, so a typo never silently serves with a
+    default. Values pass through the flag's own type conversion.
+    """
+    import yaml
+
+    from ..suggest import did_you_mean
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"serving preset {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"serving preset {path}: expected a mapping of option: value")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "checkpoint", "config")}
+    preset = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise ValueError(f"serving preset {path}: unknown option {key!r}{did_you_mean(dest, actions)}")
+        action = actions[dest]
+        if action.type is not None and value is not None and not isinstance(value, list):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"serving preset {path}: {key}: {err}") from None
+        if dest == "vllm_args" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"serving preset {path}: vllm_args must be a list of strings")
+        preset[dest] = value
+    return preset
+
+
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server (vLLM) for a checkpoint, with images")
     p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="serving preset YAML (serve/cpu.yaml, serve/gpu.yaml): engine arguments, guard policy, limits; "
+        "flags given on the command line override it",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (beyond loopback needs --allow-remote)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
@@ -141,4 +181,4 @@ def add_serve_parser(sub) -> None:
         metavar="ARG",
         help="extra vLLM server argument, repeatable: --vllm-arg=--max-num-seqs=64",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, preset=(p, load_preset))

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import torch
 
-from .samples import IGNORE_INDEX, SkippedSample
+from ..constants import IGNORE_INDEX
+from .samples import SkippedSample
 
 __all__ = [
     "BOOKKEEPING_KEYS",

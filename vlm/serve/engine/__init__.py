@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 ARCHITECTURE = "VLMForConditionalGeneration"
-_MODEL_CLASS = "vlm.engine.model:VLMForConditionalGenerationVLLM"
+_MODEL_CLASS = "vlm.serve.engine.model:VLMForConditionalGenerationVLLM"
 
 # vLLM's CPU backend reserves this many GiB of KV cache; unset it takes most of the machine's RAM.
 DEFAULT_CPU_KVCACHE_GIB = "1"
@@ -26,7 +26,7 @@ def set_engine_env() -> None:
 def register() -> None:
     from vllm import ModelRegistry
 
-    from .. import register_auto_classes  # importing vlm registers model_type "vlm" with AutoConfig
+    from ... import register_auto_classes  # importing vlm registers model_type "vlm" with AutoConfig
 
     register_auto_classes()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

@@ -4,7 +4,7 @@ A pure ASGI middleware (vLLM adds it through its `--middleware` option, outermos
 - checks the API key first, on every route but the health probes (/health, /ping), so an unauthenticated
   caller can neither make the server fetch anything nor read /metrics, /tokenize, /docs, ...;
 - refuses an unknown model name (404);
-- loads every `image_url` of a chat request under `vlm.media`'s policy (corrupt/truncated images, non-image
+- loads every `image_url` of a chat request under `vlm.serve.media`'s policy (corrupt/truncated images, non-image
   data URLs, unsupported schemes, pixel bombs, file:// outside the allowed directory, private addresses) and
   rewrites http(s)/file URLs as `data:` URLs, so vLLM never fetches a URL or opens a file itself;
 - refuses more images than allowed, and `<image>` typed into text (it would silently act as a plain token);
@@ -31,7 +31,7 @@ import anyio
 from starlette.responses import JSONResponse
 
 from .media import MediaError, MediaPolicy, load_image_url, to_data_url
-from .templates import IMAGE_TOKEN
+from ..constants import IMAGE_TOKEN
 
 ENV_VAR = "VLM_GUARD"
 OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness probes: no key, no body, no data
