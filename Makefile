@@ -49,11 +49,12 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap lock lock-gpu fuzz demo data base test lint format clean stage0 stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
 
 help:
 	@echo "make demo    synthetic data + tiny base checkpoints (all connectors) + token budget + stage 1/2 + eval"
-	@echo "make test    the test suite (CPU, a few minutes)"
+	@echo "make test    the whole test suite (CPU, ~20 min; what CI runs)"
+	@echo "make test-fast  the unmarked tier: no slow/vllm/deepspeed/gpu tests (< 3 min)"
 	@echo "make stage0  contrastive image+text towers on captions (stages/stage0.yaml -> runs/stage0/final)"
 	@echo "make stage1  train the connector on captions (CONNECTOR=mlp|linear|qformer|perceiver, RESUME=1)"
 	@echo "make stage2  instruction-tune from stage 1 (STAGE2=stage2|stage2_lora|stage2_qlora, HOSTFILE=...)"
@@ -196,6 +197,10 @@ reliability-caption: $(STAMP)
 
 load: $(STAMP) $(SERVE_CKPT)/config.json
 	OMP_NUM_THREADS=1 $(BIN)/python bench/reliability.py load --checkpoint $(SERVE_CKPT) --concurrency $(LOAD_C) --duration $(LOAD_S)
+
+# The unmarked tier (no slow/vllm/deepspeed/gpu marker; pyproject.toml): under 3 minutes on 2 cores.
+test-fast: $(STAMP) $(VENV)/.eval-suites
+	$(BIN)/python -m pytest -q -m "not slow and not vllm and not deepspeed and not gpu"
 
 # The suite includes the lmms-eval adapter test, so the test environment has lmms-eval too.
 test: $(STAMP) $(VENV)/.eval-suites

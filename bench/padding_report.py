@@ -53,8 +53,8 @@ def synthetic_lengths(
 ) -> list[int]:
     """Token counts (placeholders included) of a LLaVA JSONL under a checkpoint's processor."""
     from vlm.data.records import load_llava_dataset
-    from vlm.processing import VLMProcessor
     from vlm.data.samples import SupervisedDataset
+    from vlm.processing import VLMProcessor
 
     processor = VLMProcessor.from_pretrained(checkpoint)
     records = load_llava_dataset(path)

@@ -129,10 +129,10 @@ def budget_checkpoint(work: Path, connector: str) -> str:
 
 # -- phase 1: training step ----------------------------------------------------------------------------------
 def step_batch(paths: dict, n: int = 32):
-    from vlm.data.records import load_llava_dataset
-    from vlm.processing import VLMProcessor
     from vlm.data.collate import Collator
+    from vlm.data.records import load_llava_dataset
     from vlm.data.samples import SupervisedDataset
+    from vlm.processing import VLMProcessor
 
     processor = VLMProcessor.from_pretrained(paths["base"])
     records = load_llava_dataset(str(Path(paths["data"]) / "caption_train.jsonl"))
@@ -164,9 +164,9 @@ def time_steps(model, inputs: dict, trainable, steps: int = 12, warmup: int = 3)
 def phase_train_step(paths: dict, impl: str) -> dict:
     import torch
 
+    from vlm.data.collate import model_inputs
     from vlm.export import to_llava_hf
     from vlm.model import VLMForConditionalGeneration
-    from vlm.data.collate import model_inputs
 
     batch = model_inputs(step_batch(paths))
     out = {}
@@ -205,9 +205,9 @@ def phase_stage1(paths: dict, cache_root: str, rounds: str = "3") -> dict:
     alternating an epoch from images with an epoch from the feature cache, so load drift hits both alike."""
     import torch
 
+    from vlm.data.collate import model_inputs
     from vlm.model import VLMForConditionalGeneration
     from vlm.processing import VLMProcessor
-    from vlm.data.collate import model_inputs
     from vlm.train.feature_cache import build_feature_cache
     from vlm.train.freeze import apply_freeze_policy
     from vlm.train.recipe import load_recipe
@@ -256,7 +256,7 @@ def phase_serve_hf(paths: dict) -> dict:
 def serve_vllm(ckpt: str, concurrency: tuple[int, ...], n: int, work: Path, eager: bool = False) -> dict:
     from serve_throughput import QUESTION, data_url, free_port, make_images, run_load, start_server
 
-    from vlm.serve.engine import set_engine_env
+    from vlm.vllm_env import set_engine_env
 
     set_engine_env()
     port = free_port()

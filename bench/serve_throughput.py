@@ -272,7 +272,7 @@ def main() -> int:
         print(f"transformers generate, batch {c} ...", flush=True)
         results[("hf", c)] = bench_transformers(ckpt, images, args.max_tokens, c)
 
-    from vlm.serve.engine import set_engine_env
+    from vlm.vllm_env import set_engine_env
 
     set_engine_env()
     port = free_port()

@@ -23,6 +23,27 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+@functools.cache
+def _vllm_import_error() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as err:  # noqa: BLE001  any failure to import means the serving stack is broken
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def pytest_runtest_setup(item):
+    """A `vllm` test without an importable vLLM fails: skipping would hide a broken serving stack. Only outside
+    CI, and only when asked (VLM_ALLOW_NO_VLLM=1), does it skip; `gpu` tests skip without CUDA."""
+    if item.get_closest_marker("vllm") and (error := _vllm_import_error()):
+        if os.environ.get("VLM_ALLOW_NO_VLLM") and not os.environ.get("CI"):
+            pytest.skip(f"vllm does not import ({error}); VLM_ALLOW_NO_VLLM is set")
+        pytest.fail(f"this test needs vLLM (the serve extra) and it does not import: {error}")
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
 CONNECTORS = ["linear", "mlp", "qformer", "perceiver"]
 TOWERS = ["clip", "siglip"]
 LLMS = ["llama", "qwen2"]

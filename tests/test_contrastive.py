@@ -135,6 +135,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_compute_the_global_batch_loss_and_gradient():
     # spawn, not fork: forking a process whose earlier tests started OpenMP/gloo threads can deadlock the child.
     ctx = torch.multiprocessing.get_context("spawn")
@@ -352,6 +353,8 @@ def test_stage0_recipe_validation():
         load_recipe(ROOT / "stages/stage0.yaml", ["contrastive.loss=triplet"])
 
 
+@pytest.mark.deepspeed
+@pytest.mark.slow
 def test_stage0_trains_through_the_deepspeed_launcher(tmp_path):
     from vlm.data.synth import generate
 

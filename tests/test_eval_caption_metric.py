@@ -41,7 +41,9 @@ def test_fallback_tokenizer_follows_ptb_conventions():
 
 
 # CI installs a JRE (.ci/run), so there a missing java is a broken install step, not a reason to skip.
-@pytest.mark.skipif(not JAVA and not os.environ.get("CI"), reason="java is not installed: the PTB tokenizer cannot run")
+@pytest.mark.skipif(
+    not JAVA and not os.environ.get("CI"), reason="java is not installed: the PTB tokenizer cannot run"
+)
 def test_ptb_tokenizer_runs_with_java_and_matches_the_fallback_on_simple_text():
     texts = ["The dog's ball, isn't it?", "", "two large red circles at the top left."]
     tokens, name = cm.tokenize(texts)

@@ -47,6 +47,7 @@ def test_vqa_report_traces_every_prediction(ckpt, data, tmp_path, capsys):
     assert "question_type=colour" in table and "num_objects=" in table and "image_size=" in table
 
 
+@pytest.mark.slow
 def test_bars_above_the_score_exit_nonzero(ckpt, data, tmp_path, capsys):
     # A random model answers neither yes nor no, which POPE counts as yes: F1 2/3 on a balanced set.
     bars = tmp_path / "bars.yaml"

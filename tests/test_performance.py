@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.data.records import load_llava_dataset
-from vlm.data.synth import generate
 from vlm.data.collate import Collator, PackingCollator, model_inputs
+from vlm.data.records import load_llava_dataset
+from vlm.data.samples import SampleError, SkippedSample, SupervisedDataset
+from vlm.data.synth import generate
 from vlm.train.feature_cache import (
     FeatureCacheError,
     build_feature_cache,
@@ -25,9 +26,9 @@ from vlm.train.feature_cache import (
     setup_feature_cache,
 )
 from vlm.train.flops import FlopModel, batch_flops, peak_flops
-from vlm.data.samples import SampleError, SkippedSample, SupervisedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = ("raise", "skip")
 
 
 @pytest.fixture(scope="module")
@@ -140,17 +141,26 @@ def test_corrupt_shard_is_moved_aside_and_rebuilt(mlp, scenes, tmp_path, damage,
     torch.testing.assert_close(rebuilt.cache.get(key), expected, rtol=0, atol=0)
 
 
-def test_corrupt_image_raises_or_is_skipped_and_counted(mlp, tmp_path):
-    model, proc = mlp
+def good_and_corrupt(tmp_path) -> list[dict]:
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(good)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
-    records = [
-        {"id": i, "images": [str(p)], "conversations": [{"from": "human", "value": "<image>\nCaption."}]}
+    return [
+        {
+            "id": i,
+            "images": [str(p)],
+            "conversations": [
+                {"from": "human", "value": "<image>\nCaption."},
+                {"from": "gpt", "value": "a red square."},
+            ],
+        }
         for i, p in enumerate([good, bad])
     ]
-    for r in records:
-        r["conversations"].append({"from": "gpt", "value": "a red square."})
+
+
+def test_corrupt_image_raises_or_is_skipped_and_counted(mlp, tmp_path):
+    model, proc = mlp
+    records = good_and_corrupt(tmp_path)
     ds = SupervisedDataset(records, proc, "plain", max_length=128, on_error="skip")
     with pytest.raises(SampleError, match="corrupt_image"):
         cache_for(model, proc, ds, tmp_path / "raise")
@@ -159,6 +169,38 @@ def test_corrupt_image_raises_or_is_skipped_and_counted(mlp, tmp_path):
     skipped = cached[1]
     assert isinstance(skipped, SkippedSample) and skipped.reason == "corrupt_image"
     assert cached.skip_report() == {"corrupt_image": 1}
+
+
+def test_failures_cached_by_an_earlier_run_raise_or_skip_as_an_uncached_run(
+    mlp, tmp_path, monkeypatch, caplog
+):
+    # A skip-mode run records the corrupt image in the cache; a raise-mode run on the same cache used to find
+    # nothing missing and skip that sample silently.
+    model, proc = mlp
+    records = good_and_corrupt(tmp_path)
+    plain = {mode: SupervisedDataset(records, proc, "plain", max_length=128, on_error=mode) for mode in MODES}
+    with pytest.raises(SampleError) as uncached_error:
+        plain["raise"][1]
+    uncached_skip = plain["skip"][1]
+
+    cache_for(model, proc, plain["skip"], tmp_path / "fc", on_error="skip")
+    monkeypatch.setattr(type(model), "get_tower_features", lambda *a: pytest.fail("the tower ran again"))
+    with pytest.raises(SampleError) as cached_error:
+        cache_for(model, proc, plain["raise"], tmp_path / "fc")
+    assert (
+        str(cached_error.value) == str(uncached_error.value) and cached_error.value.reason == "corrupt_image"
+    )
+
+    again = cache_for(
+        model, proc, SupervisedDataset(records, proc, "plain", 128, "skip"), tmp_path / "fc", "skip"
+    )
+    with caplog.at_level(logging.WARNING):
+        assert again[1] == uncached_skip  # same id, reason and detail (the decoder's message)
+    assert "skipping sample 1: corrupt_image" in caplog.text
+    assert again.skip_report() == plain["skip"].skip_report() == {"corrupt_image": 1}
+    assert again.load_skipped_ids == plain["skip"].load_skipped_ids == {"corrupt_image": [1]}
+    batch = Collator(proc.tokenizer.pad_token_id)([again[0], again[1]])
+    assert batch["skipped"] == [(1, "corrupt_image")] and batch["image_features"].shape[0] == 1
 
 
 def test_refused_for_a_trained_or_random_tower_and_under_zero3(mlp, scenes, tmp_path):
@@ -211,6 +253,8 @@ def _metrics(proc: subprocess.Popen, out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.deepspeed
+@pytest.mark.slow
 def test_two_rank_cached_run_matches_an_uncached_run(mlp, scenes, tmp_path):
     from vlm.build import save_checkpoint
 

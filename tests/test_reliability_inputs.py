@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlm.data.records import load_llava_dataset, validate_record
-from vlm.train.recipe import Recipe, RecipeError, load_recipe
 from vlm.data.samples import SampleError, SupervisedDataset
+from vlm.train.recipe import Recipe, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -97,7 +97,9 @@ def _accounted(dataset_rows, processor) -> tuple[list, dict]:
 
 @SLOW
 @given(st.lists(records, min_size=1, max_size=8))
-@example([{"id": None, "image": -9223372036854775809, "conversations": None}])  # ujson's limit (found by fuzzing)
+@example(
+    [{"id": None, "image": -9223372036854775809, "conversations": None}]
+)  # ujson's limit (found by fuzzing)
 def test_no_record_is_dropped_silently_on_the_way_to_samples(image_root, processor, tmp_path_factory, recs):
     """File -> datasets -> encoded samples: each record is a sample, or an error that names it."""
     recs = [r if not isinstance(r, dict) else {**r, "id": f"r{i}"} for i, r in enumerate(recs)]

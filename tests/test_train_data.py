@@ -10,10 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.data.records import load_llava_dataset
-from vlm.templates import ChatTemplate
-from vlm.train import samples as samples_mod
 from vlm.data.collate import Collator, PackingCollator, model_inputs, pack_samples, padding_fraction
+from vlm.data.records import load_llava_dataset
 from vlm.data.samples import (
     IGNORE_INDEX,
     SampleError,
@@ -24,6 +22,8 @@ from vlm.data.samples import (
     mix_datasets,
 )
 from vlm.data.sampling import DistributedShuffleSampler, LengthGroupedSampler
+from vlm.templates import ChatTemplate
+from vlm.train import samples as samples_mod
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0), "black": (0, 0, 0)}
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from vlm.build import build_base_model, save_checkpoint
 from vlm.data.synth import generate
 
+pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

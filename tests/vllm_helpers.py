@@ -6,6 +6,7 @@ import atexit
 import base64
 import functools
 import io
+import re
 import shutil
 import socket
 import tempfile
@@ -47,3 +48,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# vLLM's own log format: "(EngineCore pid=12) INFO 12-03 08:27:19 [core.py:133] ..." (the prefix is optional).
+_VLLM_INFO = re.compile(r"(\([\w-]+ pid=\d+\) )?INFO \d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+def vllm_info_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if _VLLM_INFO.match(line)]

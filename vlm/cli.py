@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,10 +141,10 @@ def add_tokens_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .serve.caption import add_caption_parser
     from .contrastive.cli import add_parser as add_contrastive_parser
     from .data.cli import add_parser as add_data_parser
     from .eval.cli import add_eval_parser
+    from .serve.caption import add_caption_parser
     from .serve.server import add_serve_parser
     from .train.launch import add_train_parser
 

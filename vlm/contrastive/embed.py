@@ -21,7 +21,6 @@ from .losses import MAX_LOGIT_SCALE
 from .model import load_dual_encoder, tokenize, tower_fingerprint
 
 
-
 class Encoder:
     def __init__(self, checkpoint: str | Path, batch_size: int = 64):
         self.checkpoint = str(checkpoint)

@@ -85,7 +85,11 @@ def _oversized_int(value: Any) -> int | None:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, int) and not isinstance(item, bool) and not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
+        if (
+            isinstance(item, int)
+            and not isinstance(item, bool)
+            and not _INT_RANGE[0] <= item <= _INT_RANGE[1]
+        ):
             return item
         if isinstance(item, dict):
             stack.extend(item.values())

@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .records import conversation_to_messages, record_images
-from .images import load_strict
 from ..constants import IGNORE_INDEX
 from ..templates import get_template
+from .images import load_strict
+from .records import conversation_to_messages, record_images
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,10 @@ def _engine_options(args: argparse.Namespace, max_images: int) -> dict:
         options["batch_size"] = args.batch_size
     if args.engine == "vllm":
         options.update(
-            max_images=max_images, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len
+            max_images=max_images,
+            enforce_eager=args.enforce_eager,
+            max_model_len=args.max_model_len,
+            verbose=getattr(args, "verbose", False),
         )
     return options
 
@@ -123,4 +126,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-java", action="store_true", help="caption: use the fallback tokenizer, not PTB")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # As `vlm -v eval`; SUPPRESS keeps the subcommand's default from resetting a global -v.
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="vLLM's INFO logs too"
+    )
     p.set_defaults(func=run)

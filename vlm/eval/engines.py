@@ -124,11 +124,12 @@ class VLLMEngine(_Engine):
         max_images: int = 1,
         enforce_eager: bool = False,
         max_model_len: int | None = None,
+        verbose: bool = False,
     ):
-        from ..engine import set_engine_env
+        from ..vllm_env import set_engine_env
 
         super().__init__(checkpoint, batch_size)
-        set_engine_env()
+        set_engine_env(verbose=verbose)  # verbose: vLLM's INFO logs too
         from vllm import LLM
 
         self.llm = LLM(
@@ -155,7 +156,7 @@ class VLLMEngine(_Engine):
 
 
 def make_engine(kind: str, checkpoint: str | Path, **options: Any) -> _Engine:
-    """options: batch_size, dtype; vllm also max_images, enforce_eager, max_model_len."""
+    """options: batch_size, dtype; vllm also max_images, enforce_eager, max_model_len, verbose."""
     if kind == "hf":
         options = {k: v for k, v in options.items() if k in ("batch_size", "dtype")}
         return HFEngine(checkpoint, **options)

@@ -30,8 +30,8 @@ from typing import Any
 import anyio
 from starlette.responses import JSONResponse
 
-from .media import MediaError, MediaPolicy, load_image_url, to_data_url
 from ..constants import IMAGE_TOKEN
+from .media import MediaError, MediaPolicy, load_image_url, to_data_url
 
 ENV_VAR = "VLM_GUARD"
 OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness probes: no key, no body, no data

@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not guard.api_key_sha256:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
 
-    from .engine import set_engine_env
+    from ..vllm_env import set_engine_env
 
-    set_engine_env()
+    set_engine_env(verbose=True)  # a server keeps vLLM's INFO logs (requests, engine state)
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args

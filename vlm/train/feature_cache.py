@@ -13,6 +13,11 @@ reuses); after a barrier every rank rescans, and computes itself whatever it sti
 that is not shared between nodes). A shard that fails to open or holds wrongly shaped tensors is moved aside as
 `*.corrupt` and its images are rebuilt.
 
+Unreadable images are recorded in the shards too (content hash -> reason and detail), whatever the bad-sample
+policy, so a later run does not decode them again. Each run then treats them as an uncached run would: in raise
+mode the build ends with the first affected sample's `SampleError` (on every rank alike, after the shards are
+written), in skip mode each affected sample is skipped, logged and counted by reason.
+
 Valid only while the tower is frozen and deterministic (no dropout): `setup_feature_cache` refuses otherwise.
 """
 
@@ -103,6 +108,7 @@ class FeatureCache:
         self.shape, self.dtype = tuple(shape), dtype
         self.index: dict[str, Path] = {}
         self.failed: dict[str, str] = {}  # content hash -> reason (a corrupt image, found while building)
+        self.failed_detail: dict[str, str] = {}  # content hash -> its loader message (absent in older shards)
         self._handles: dict[Path, Any] = {}
 
     def prepare(self, rank: int) -> None:
@@ -129,10 +135,10 @@ class FeatureCache:
     def scan(self, rank: int) -> None:
         """(Re)build the index from the shards on disk; corrupt shards are moved aside by rank 0."""
         self.close()
-        self.index, self.failed = {}, {}
+        self.index, self.failed, self.failed_detail = {}, {}, {}
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
             try:
-                keys, failed = self._validate(shard)
+                keys, failed, detail = self._validate(shard)
             except (SafetensorError, OSError, ValueError) as err:
                 log.warning("feature cache: corrupt shard %s (%s); its images will be rebuilt", shard, err)
                 if rank == 0:
@@ -140,8 +146,9 @@ class FeatureCache:
                 continue
             self.index.update(dict.fromkeys(keys, shard))
             self.failed.update(failed)
+            self.failed_detail.update(detail)
 
-    def _validate(self, shard: Path) -> tuple[list[str], dict[str, str]]:
+    def _validate(self, shard: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
         with safe_open(str(shard), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("fingerprint") != self.digest:
@@ -153,18 +160,30 @@ class FeatureCache:
                     raise ValueError(
                         f"{key}: {s.get_dtype()} {s.get_shape()}, expected {self.dtype} {self.shape}"
                     )
-        return keys, json.loads(meta.get("failed", "{}"))
+        return keys, json.loads(meta.get("failed", "{}")), json.loads(meta.get("failed_detail", "{}"))
 
     def missing(self, digests: Sequence[str]) -> list[str]:
         return sorted({d for d in digests if d not in self.index and d not in self.failed})
 
-    def write_shard(self, features: dict[str, torch.Tensor], failed: dict[str, str], rank: int) -> Path:
+    def write_shard(
+        self, features: dict[str, torch.Tensor], failed: dict[str, SampleError], rank: int
+    ) -> Path:
         name = f"shard-r{rank:04d}-{uuid.uuid4().hex[:12]}.safetensors"
         tmp = self.dir / f".tmp-{name}"
-        meta = {"fingerprint": self.digest, "failed": json.dumps(failed)}
+        meta = {
+            "fingerprint": self.digest,
+            "failed": json.dumps({d: e.reason for d, e in failed.items()}),  # the format's original field
+            "failed_detail": json.dumps({d: e.detail for d, e in failed.items()}),
+        }
         save_file({k: v.contiguous() for k, v in features.items()}, str(tmp), metadata=meta)
         os.replace(tmp, self.dir / name)
         return self.dir / name
+
+    def failure(self, digest: str, sample_id) -> SampleError | None:
+        """The error an uncached load of this image would raise for `sample_id`, or None if it is readable."""
+        if digest not in self.failed:
+            return None
+        return SampleError(sample_id, self.failed[digest], self.failed_detail.get(digest, ""))
 
     def get(self, digest: str) -> torch.Tensor:
         shard = self.index.get(digest)
@@ -208,11 +227,13 @@ def compute_features(
     batch_size: int,
     device,
     rank: int,
-    on_error: str,
 ) -> int:
-    """Run the tower over `todo` ({content hash: a path}) in batches; write shards; return images computed."""
+    """Run the tower over `todo` ({content hash: a path}) in batches; write shards; return images computed.
+
+    Unreadable images are recorded, not raised: the caller applies the bad-sample policy once every rank's
+    shards are written."""
     features: dict[str, torch.Tensor] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, SampleError] = {}
     size = done = 0
     items = sorted(todo.items())
     for start in range(0, len(items), batch_size):
@@ -221,9 +242,7 @@ def compute_features(
             try:
                 chunk.append((digest, load_images([path], image_processor, sample_id=path)))
             except SampleError as err:
-                if on_error == "raise":
-                    raise
-                failed[digest] = err.reason
+                failed[digest] = err
         if chunk:
             pixels = torch.cat([p for _, p in chunk]).to(device)
             with torch.no_grad():
@@ -245,10 +264,12 @@ class CachedFeatureDataset(Dataset):
     of `pixel_values`: no image is decoded and the tower does not run. Indices and lengths are unchanged, so
     samplers, packing and resume positions are those of the uncached run."""
 
-    def __init__(self, dataset, cache: FeatureCache, digests: dict[str, str]):
+    def __init__(self, dataset, cache: FeatureCache, digests: dict[str, str], on_error: str = "raise"):
         self.dataset, self.cache, self.digests = dataset, cache, digests
+        self.on_error = on_error
         self.lengths = dataset.lengths
         self.load_skipped: Counter[str] = Counter()
+        self.load_skipped_ids: dict[str, list] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -262,10 +283,14 @@ class CachedFeatureDataset(Dataset):
         ds, i = self._resolve(k)
         sample = ds.encoded(i)
         keys = [self.digests[p] for p in sample.image_paths]
-        bad = [self.cache.failed[d] for d in keys if d in self.cache.failed]
-        if bad:  # only in skip mode: raise mode stops while building
-            self.load_skipped[bad[0]] += 1
-            return SkippedSample(sample.id, bad[0], "image unreadable when the feature cache was built")
+        err = next(filter(None, (self.cache.failure(d, sample.id) for d in keys)), None)
+        if err is not None:  # as SupervisedDataset does when the image fails to load
+            if self.on_error == "raise":
+                raise err
+            self.load_skipped[err.reason] += 1
+            self.load_skipped_ids.setdefault(err.reason, []).append(sample.id)
+            log.warning("skipping %s", err)
+            return SkippedSample(sample.id, err.reason, err.detail)
         features = [self.cache.get(d) for d in keys]
         return {
             "id": sample.id,
@@ -278,6 +303,18 @@ class CachedFeatureDataset(Dataset):
 
     def skip_report(self) -> dict[str, int]:
         return dict(Counter(self.dataset.skip_report()) + self.load_skipped)
+
+    def first_failure(self) -> SampleError | None:
+        """The error of the first sample (index order) whose image is recorded as unreadable, if any."""
+        if not self.cache.failed:
+            return None
+        for k in range(len(self)):
+            ds, i = self._resolve(k)
+            for path in ds.image_paths[i]:
+                err = self.cache.failure(self.digests[path], ds.ids[i])
+                if err is not None:
+                    return err
+        return None
 
 
 def _image_paths(dataset) -> list[str]:
@@ -325,14 +362,12 @@ def build_feature_cache(
     cache.scan(rank)
     missing = cache.missing(list(by_digest))
     mine = {d: by_digest[d] for d in missing[rank::world_size]}
-    n = compute_features(cache, vlm, processor.image_processor, mine, batch_size, device, rank, on_error)
+    n = compute_features(cache, vlm, processor.image_processor, mine, batch_size, device, rank)
     _barrier()
     cache.scan(rank)
     unseen = {d: by_digest[d] for d in cache.missing(list(by_digest))}
     if unseen:  # another rank's shards are not visible here (a per-node cache directory)
-        n += compute_features(
-            cache, vlm, processor.image_processor, unseen, batch_size, device, rank, on_error
-        )
+        n += compute_features(cache, vlm, processor.image_processor, unseen, batch_size, device, rank)
         cache.scan(rank)
     if rank == 0:
         log.info(
@@ -344,7 +379,13 @@ def build_feature_cache(
             len(cache.failed),
             time.time() - started,
         )
-    return CachedFeatureDataset(dataset, cache, digests)
+    # Raise mode stops here, before training, where an uncached run would stop at that sample's batch; the
+    # failures may have been recorded by an earlier run of either mode.
+    cached = CachedFeatureDataset(dataset, cache, digests, on_error)
+    err = cached.first_failure() if on_error == "raise" else None
+    if err is not None:
+        raise err
+    return cached
 
 
 def _disk_shortfall(vlm, dataset, root: Path) -> str:

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoints import CheckpointManager
+from ..constants import IGNORE_INDEX
 from ..data.collate import model_inputs
+from ..logs import setup_logging
+from . import objectives
+from .checkpoints import CheckpointManager
 from .feature_cache import setup_feature_cache
 from .flops import FlopModel, batch_flops, device_peak_flops
 from .freeze import apply_freeze_policy, format_parameter_table, param_groups, parameter_counts, vlm_of
 from .metrics import MetricsLogger
-from ..constants import IGNORE_INDEX
-from ..logs import setup_logging
-from . import objectives
 from .modeling import attn_implementation_for, load_model_for_training, precision_for, save_final_checkpoint
 from .recipe import Recipe, load_recipe
 from .run_data import build_train_data

@@ -9,6 +9,7 @@ The loop looks a name up here and never imports the modules that implement other
 from __future__ import annotations
 
 import importlib
+
 from ..plugins import load_plugin, plugin_names
 from ..suggest import did_you_mean
 

@@ -8,19 +8,41 @@ vllm at package import time: `vlm` itself stays importable without the `serve` e
 
 from __future__ import annotations
 
+import logging
 import os
 
 ARCHITECTURE = "VLMForConditionalGeneration"
 _MODEL_CLASS = "vlm.serve.engine.model:VLMForConditionalGenerationVLLM"
 
-# vLLM's CPU backend reserves this many GiB of KV cache; unset it takes most of the machine's RAM.
-DEFAULT_CPU_KVCACHE_GIB = "1"
+
+class _OncePerDtypePair(logging.Filter):
+    """vLLM warns once per tensor when a float32 checkpoint loads into bf16 parameters: keep the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Attempted to load weight") or len(record.args or ()) != 3:
+            return True
+        pair = (str(record.args[1]), str(record.args[2]))
+        if pair in self.seen:
+            return False
+        self.seen.add(pair)
+        record.msg = f"{record.msg} (and the other weights of that dtype, not listed)"
+        return True
 
 
-def set_engine_env() -> None:
-    """Environment every engine start here relies on; an explicit user setting wins."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _quiet_weight_dtype_warnings() -> None:
+    """Only when logs are quieted (VLLM_LOGGING_LEVEL at WARNING or above): `vlm serve` keeps vLLM's logs."""
+    level = logging.getLevelName(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    loader = logging.getLogger("vllm.model_executor.models.utils")
+    if (
+        isinstance(level, int)
+        and level >= logging.WARNING
+        and not any(isinstance(f, _OncePerDtypePair) for f in loader.filters)
+    ):
+        loader.addFilter(_OncePerDtypePair())
 
 
 def register() -> None:
@@ -29,6 +51,7 @@ def register() -> None:
     from ... import register_auto_classes  # importing vlm registers model_type "vlm" with AutoConfig
 
     register_auto_classes()
+    _quiet_weight_dtype_warnings()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # The string form is imported lazily, in the process that builds the model.
         ModelRegistry.register_model(ARCHITECTURE, _MODEL_CLASS)
