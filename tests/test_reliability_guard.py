@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from vllm_helpers import data_url, noise_image, png_bytes
 
-from vlm import media
+from vlm.serve import media
 from vlm.serve.guard import GuardConfig, MediaGuard, RequestError, check_request, key_digest, parse_body
 from vlm.serve.media import MediaError, MediaPolicy, load_image_url
 

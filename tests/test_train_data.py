@@ -23,7 +23,7 @@ from vlm.data.samples import (
 )
 from vlm.data.sampling import DistributedShuffleSampler, LengthGroupedSampler
 from vlm.templates import ChatTemplate
-from vlm.train import samples as samples_mod
+from vlm.data import samples as samples_mod
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0), "black": (0, 0, 0)}
 
