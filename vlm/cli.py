@@ -163,17 +163,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a subcommand's `--config` preset (vlm serve) as its defaults.
+
+    The preset becomes the subcommand's defaults and the command line is read again, so every flag given there
+    overrides the preset wherever it stands.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) and getattr(args, "preset", None):
+        subparser, load = args.preset
+        subparser.set_defaults(**load(args.config, subparser))
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except (ValueError, OSError) as err:  # a bad preset: one clear line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     setup_logging(args.verbose)
     try:
-        if getattr(args, "config", None) and getattr(args, "preset", None):
-            # A preset becomes the subcommand's defaults, then the command line is read again, so every flag
-            # given there overrides it wherever it stands.
-            subparser, load = args.preset
-            subparser.set_defaults(**load(args.config, subparser))
-            args = parser.parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as err:  # user errors: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,60 @@
+"""Serving presets (serve/*.yaml): every key is a `vlm serve` option, flags override them, typos are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlm.cli import main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_cpu_preset_is_exactly_the_flag_defaults():
+    plain = vars(parse_args(["serve", "ckpt"]))
+    preset = vars(parse_args(["serve", "ckpt", "--config", str(ROOT / "serve/cpu.yaml")]))
+    for key in ("func", "preset", "config"):
+        plain.pop(key), preset.pop(key)
+    assert preset == plain  # `make serve` behaves as before
+
+
+def test_the_gpu_preset_loads_its_engine_arguments():
+    args = parse_args(["serve", "ckpt", "--config", str(ROOT / "serve/gpu.yaml")])
+    assert args.dtype == "bfloat16" and "--gpu-memory-utilization=0.90" in args.vllm_args
+
+
+def test_flags_override_the_preset_wherever_they_stand(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("port: 9000\nmax-images: 2\nvllm_args: ['--max-num-seqs=8']\nenforce_eager: true\n")
+    for argv in (
+        ["serve", "ckpt", "--port", "8000", "--config", str(preset), "--vllm-arg=--seed=1"],
+        ["serve", "--config", str(preset), "ckpt", "--vllm-arg=--seed=1", "--port", "8000"],
+    ):
+        args = parse_args(argv)
+        assert args.port == 8000  # the flag, although it equals the default
+        assert args.max_images == 2 and args.enforce_eager is True  # from the preset
+        assert args.vllm_args == ["--max-num-seqs=8", "--seed=1"]  # the preset's, then the command line's
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_image: 3\n", "unknown option 'max_image'; did you mean 'max_images'"),
+        ("port: eighty\n", "port: invalid literal"),
+        ("- a list\n", "expected a mapping"),
+        ("vllm_args: --x\n", "vllm_args must be a list of strings"),
+        ("port: [1\n", "serving preset"),
+    ],
+)
+def test_a_bad_preset_is_one_line_naming_the_file(tmp_path, capsys, text, message):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(text)
+    assert main(["serve", "ckpt", "--config", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: serving preset {preset}") and message in err, err
+
+
+def test_a_missing_preset_is_named(tmp_path, capsys):
+    assert main(["serve", "ckpt", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
