@@ -456,11 +456,15 @@ VLLM_ROUTES = [  # what vLLM 0.32's build_app mounts for a generate model (test_
 def test_every_route_but_health_needs_the_key(guarded_app, method, path):
     assert guarded_app.request(method, path, content=b"{}").status_code == 401
     for wrong in ("Bearer k3", "Bearer k3yy", "Bearer K3Y", "Bearer k 3y", "Basic k3y"):
-        status = guarded_app.request(method, path, content=b"{}", headers={"Authorization": wrong}).status_code
+        status = guarded_app.request(
+            method, path, content=b"{}", headers={"Authorization": wrong}
+        ).status_code
         assert status == 401, wrong
     # RFC 9110: whitespace around a field value is not part of it, whichever server strips it first.
     for ok in ("Bearer k3y", "Bearer k3y ", " Bearer k3y\t"):
-        assert guarded_app.request(method, path, content=b"{}", headers={"Authorization": ok}).status_code == 200
+        assert (
+            guarded_app.request(method, path, content=b"{}", headers={"Authorization": ok}).status_code == 200
+        )
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")])

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vlm.constants import IGNORE_INDEX
+from vlm.data import samples as samples_mod
 from vlm.data.collate import Collator, PackingCollator, model_inputs, pack_samples, padding_fraction
 from vlm.data.records import load_llava_dataset
 from vlm.data.samples import (
-    IGNORE_INDEX,
     SampleError,
     SkippedSample,
     SupervisedDataset,
@@ -23,7 +24,6 @@ from vlm.data.samples import (
 )
 from vlm.data.sampling import DistributedShuffleSampler, LengthGroupedSampler
 from vlm.templates import ChatTemplate
-from vlm.data import samples as samples_mod
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0), "black": (0, 0, 0)}
 
