@@ -191,10 +191,12 @@ def test_many_image_parts_are_refused_before_any_is_decoded(n_parts, monkeypatch
     assert outcome(body) == 400 and not decoded
 
 
-@pytest.mark.parametrize("header", [png_header, gif_header, jpeg_header])
-def test_headers_claiming_huge_dimensions_are_413_without_decoding(header):
+@pytest.mark.parametrize(
+    "header, mime", [(png_header, "image/png"), (gif_header, "image/gif"), (jpeg_header, "image/jpeg")]
+)
+def test_headers_claiming_huge_dimensions_are_413_without_decoding(header, mime):
     with pytest.raises(MediaError, match="pixel") as info:
-        load_image_url(data_url(header(60_000, 60_000)), MediaPolicy())
+        load_image_url(data_url(header(60_000, 60_000), mime), MediaPolicy())
     assert info.value.status == 413
 
 
