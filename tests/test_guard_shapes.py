@@ -387,3 +387,11 @@ def test_malformed_json_answers_without_the_parser_text():
     error = response.json()["error"]
     assert response.status_code == 400 and error["message"].startswith("the request body is not valid JSON")
     assert "Expecting" not in error["message"] and error["request_id"].startswith("guard-")
+
+
+def test_the_mounted_routes_are_logged_at_start_up(caplog):
+    client, _ = make_client(False)
+    with caplog.at_level(logging.INFO, logger="vlm.guard"), client:  # `with` runs the lifespan
+        pass
+    line = next(r.getMessage() for r in caplog.records if "images served on" in r.getMessage())
+    assert "served on /invocations, /v1/chat/completions;" in line and "/v1/responses" in line

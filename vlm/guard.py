@@ -292,6 +292,10 @@ class MediaGuard:
         self.config = config or GuardConfig.from_env()
         self._key_hashes = [bytes.fromhex(h) for h in self.config.api_key_sha256]
         self._routes_logged = False
+        if log.level == logging.NOTSET:
+            # Our own level: importing vLLM's SageMaker routes sets the root logger to ERROR, which would
+            # silence the refusal lines (and the library text they carry) that operators match by request id.
+            log.setLevel(logging.INFO)
 
     def _authorized(self, scope) -> bool:
         headers = dict(scope.get("headers") or [])
