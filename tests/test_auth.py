@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from vlm.serve.guard import bearer_authorized
+from vlm.serve.auth import bearer_authorized
 
 KEY = "k3y-Secret"
 HASHES = [hashlib.sha256(KEY.encode()).digest()]

@@ -24,7 +24,8 @@ from PIL import Image
 from vllm_helpers import data_url, noise_image, png_bytes
 
 from vlm.serve import media
-from vlm.serve.guard import GuardConfig, MediaGuard, RequestError, check_request, key_digest, parse_body
+from vlm.serve.auth import key_digest
+from vlm.serve.guard import GuardConfig, MediaGuard, RequestError, check_request, parse_body
 from vlm.serve.media import MediaError, MediaPolicy, load_image_url
 
 IMAGE_TOKEN_ID = 7
@@ -169,6 +170,14 @@ odd_parts = st.sampled_from(
         {"type": "text", "text": "what is <image>?"},
         {"type": None},
         {},
+        {"type": None, "image_url": {"url": "http://127.0.0.1/x.png"}},
+        {"image_url": "http://169.254.169.254/"},
+        {"type": "text", "text": "hi", "uuid": "u"},
+        {"type": "text", "text": "hi", "uuid": "u", "image_url": "http://127.0.0.1/"},
+        {"type": "image_url", "image_url": None, "uuid": "cached"},
+        {"image_pil": None, "uuid": "cached"},
+        {"video_url": "http://127.0.0.1/v.mp4"},
+        {"type": 5, "image_url": "http://127.0.0.1/"},
     ]
 )
 parts = st.one_of(bad_urls.map(image_part), text_parts, huge_text, odd_parts)
@@ -178,9 +187,9 @@ parts = st.one_of(bad_urls.map(image_part), text_parts, huge_text, odd_parts)
 @given(st.lists(parts, min_size=1, max_size=6))
 def test_hostile_chat_content_gets_a_4xx_or_passes_vetted(content):
     status = outcome(chat_body(content))
-    images = [p for p in content if p.get("type") == "image_url"]
-    if images or any(p.get("type") not in ("text", None) or "<image>" in str(p) for p in content if p):
-        assert status >= 400  # every image URL above is bad, every odd part is refused
+    plain_text = [p.get("type") == "text" and p.keys() <= {"type", "text"} for p in content]
+    if not all(plain_text) or "<image>" in str(content):
+        assert status >= 400  # every image URL above is bad, every other part is refused (type None too)
 
 
 @pytest.mark.parametrize("n_parts", [3, 5000])
@@ -191,16 +200,24 @@ def test_many_image_parts_are_refused_before_any_is_decoded(n_parts, monkeypatch
     assert outcome(body) == 400 and not decoded
 
 
-@pytest.mark.parametrize("header", [png_header, gif_header, jpeg_header])
-def test_headers_claiming_huge_dimensions_are_413_without_decoding(header):
+@pytest.mark.parametrize(
+    "header, mime", [(png_header, "image/png"), (gif_header, "image/gif"), (jpeg_header, "image/jpeg")]
+)
+def test_headers_claiming_huge_dimensions_are_413_without_decoding(header, mime):
     with pytest.raises(MediaError, match="pixel") as info:
-        load_image_url(data_url(header(60_000, 60_000)), MediaPolicy())
+        load_image_url(data_url(header(60_000, 60_000), mime), MediaPolicy())
     assert info.value.status == 413
 
 
 @pytest.mark.parametrize(
     "path, body",
     [
+        ("/v1/chat/completions", chat_body([{"image_url": "http://127.0.0.1/x.png", "uuid": "u"}])),
+        ("/v1/chat/completions", chat_body([{"type": "text", "text": "a", "uuid": "u", "image_url": "x"}])),
+        ("/v1/chat/completions", chat_body("hi", media_io_kwargs={"image": {"x": 1}})),
+        ("/v1/systemone", {"state": "s", "questions": {}, "images": ["http://127.0.0.1/x.png"]}),
+        ("/inference/v1/generate", {"token_ids": [1], "content_parts": [{"type": "image_url", "url": "x"}]}),
+        ("/v1/chat/completions/batch", {"messages": [[{"role": "user", "content": [image_part("x")]}]]}),
         ("/v1/completions", {"prompt": [1, 2, IMAGE_TOKEN_ID, 3]}),
         ("/v1/completions", {"prompt": [[1, 2], [IMAGE_TOKEN_ID]]}),
         ("/inference/v1/generate", {"token_ids": [IMAGE_TOKEN_ID]}),
@@ -209,7 +226,7 @@ def test_headers_claiming_huge_dimensions_are_413_without_decoding(header):
         ("/v1/chat/completions", chat_body("hi", chat_template="{{ '<image>' }}")),
         ("/v1/chat/completions", chat_body("hi", chat_template_kwargs={"add_generation_prompt": False})),
         ("/v1/chat/completions", chat_body("hi", mm_processor_kwargs={"size": 100_000})),
-        ("/invocations", chat_body([image_part("file:///etc/passwd")])),
+        ("/invocations", chat_body([{"image_url": "file:///etc/passwd", "uuid": "u"}])),
         ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
     ],
 )
@@ -217,6 +234,12 @@ def test_known_bypasses_are_closed(path, body):
     with pytest.raises(RequestError) as info:
         check_request(path, body, CONFIG)
     assert info.value.status == 400
+
+
+def test_invocations_vets_images_as_chat_completions_does():
+    with pytest.raises(RequestError) as info:
+        check_request("/invocations", chat_body([image_part("file:///etc/passwd")]), CONFIG)
+    assert info.value.status == 403 and "allowed-local-media-path" in info.value.message
 
 
 def test_plain_token_ids_and_text_pass():

@@ -7,8 +7,10 @@ long load/soak run is `make load` (bench/reliability.py load); here one burst of
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import json
 import os
+import threading
 import urllib.error
 import urllib.request
 
@@ -148,19 +150,20 @@ def test_the_key_is_in_no_process_environment_and_no_log(server):
 
 
 @pytest.mark.parametrize(
-    "path, body",
+    "path, body, expected",
     [
-        ("/v1/completions", {"model": MODEL, "prompt": [1, 2, "IMAGE_ID", 3], "max_tokens": 2}),
-        ("/v1/completions", {"model": MODEL, "prompt": "the <image> here", "max_tokens": 2}),
-        ("/v1/chat/completions", {"chat_template": "{{ '<image>' * 3 }}"}),
-        ("/v1/chat/completions", {"chat_template_kwargs": {"add_generation_prompt": False}}),
-        ("/v1/chat/completions", {"mm_processor_kwargs": {"size": {"shortest_edge": 100000}}}),
-        ("/invocations", json.loads(image_chat("http://169.254.169.254/latest/meta-data/"))),
-        ("/v1/chat/completions/render", json.loads(image_chat("file:///etc/passwd"))),
-        ("/tokenize", {"model": MODEL, "prompt": "<image>"}),
+        ("/v1/completions", {"model": MODEL, "prompt": [1, 2, "IMAGE_ID", 3], "max_tokens": 2}, 400),
+        ("/v1/completions", {"model": MODEL, "prompt": "the <image> here", "max_tokens": 2}, 400),
+        ("/v1/chat/completions", {"chat_template": "{{ '<image>' * 3 }}"}, 400),
+        ("/v1/chat/completions", {"chat_template_kwargs": {"add_generation_prompt": False}}, 400),
+        ("/v1/chat/completions", {"mm_processor_kwargs": {"size": {"shortest_edge": 100000}}}, 400),
+        ("/v1/chat/completions", {"media_io_kwargs": {"image": {"mode": "RGBA"}}}, 400),
+        ("/invocations", json.loads(image_chat("http://169.254.169.254/latest/meta-data/")), 403),  # vetted
+        ("/v1/chat/completions/render", json.loads(image_chat("file:///etc/passwd")), 400),
+        ("/tokenize", {"model": MODEL, "prompt": "<image>"}, 400),
     ],
 )
-def test_closed_gaps_answer_400(server, path, body):
+def test_closed_gaps_answer_4xx(server, path, body, expected):
     image_id = json.loads((tiny_checkpoint("clip", "llama", "mlp") / "config.json").read_text())[
         "image_token_index"
     ]
@@ -169,7 +172,61 @@ def test_closed_gaps_answer_400(server, path, body):
     if path == "/v1/chat/completions":
         body = json.loads(chat_body("hi", **body))
     status, reply = call(server, "POST", path, json.dumps(body).encode())
-    assert status == 400, reply
+    assert status == expected, reply
+
+
+@pytest.fixture(scope="module")
+def canary():
+    """(URL, hits) of a loopback HTTP server that records every request reaching it: none may."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(png_bytes(noise_image(4)))
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/x.png", hits
+    httpd.shutdown()
+
+
+def media_shapes(url: str) -> list[tuple[str, dict]]:
+    """Shapes that vLLM itself fetched a loopback URL for, before the guard classified parts by their keys."""
+    chat = [
+        {"image_url": url},
+        {"image_url": {"url": url}},
+        {"type": None, "image_url": {"url": url}},
+        {"type": "text", "text": "hi", "uuid": "u1", "image_url": url},
+        {"type": "image_url", "image_url": None, "uuid": "u1"},
+        {"video_url": url},
+    ]
+    user = {"role": "user", "content": [{"type": "input_image", "image_url": url}]}
+    anthropic = {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": url}}]}
+    return [("/v1/chat/completions", json.loads(chat_body([part]))) for part in chat] + [
+        ("/v1/responses", {"model": MODEL, "input": [user], "max_output_tokens": 2}),
+        ("/v1/messages", {"model": MODEL, "max_tokens": 2, "messages": [anthropic]}),
+        ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": [{"image_url": url}]}]}),
+        ("/v1/systemone", {"model": MODEL, "state": "s", "questions": {}, "images": [url]}),
+    ]
+
+
+def test_media_shapes_reach_no_url(server, canary):
+    url, hits = canary
+    request_ids = []
+    for path, body in media_shapes(url):
+        status, reply = call(server, "POST", path, json.dumps(body).encode())
+        assert 400 <= status < 500, (path, body, reply)
+        request_ids.append(reply["error"]["request_id"])  # the guard refused it, not vLLM
+    assert hits == []
+    log = server.log_path.read_text()
+    assert all(r in log for r in request_ids)  # an operator can find each refusal in the server log
 
 
 URL_FORMS = [f"http://{h}/x.png" for h in SSRF_HOSTS[::3]] + [

@@ -2,7 +2,7 @@
 
 A small Starlette app rather than a route inside vLLM's chat server: the dual encoder is not a vLLM model. It
 follows `vlm serve`'s rules: loopback by default, the same API keys (--api-key or VLLM_API_KEY, compared as
-sha256 digests in constant time, vlm/guard.py), and images loaded under the same media policy (vlm/media.py:
+sha256 digests in constant time, vlm/serve/guard.py), and images loaded under the same media policy (vlm/serve/media.py:
 data: URLs, http(s) to public addresses only, file:// only under --allowed-local-media-path).
 
 `input` is a string, or a list whose items are strings (texts) or `{"type": "image_url", "image_url": {"url"}}`
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import anyio
 
-from ..serve.guard import bearer_authorized, error_response, key_digest
+from ..serve.auth import bearer_authorized, key_digest
+from ..serve.guard import error_response
 from ..serve.media import MediaError, MediaPolicy, load_image_url
 from .embed import Encoder
 
@@ -124,7 +125,8 @@ def build_app(encoder: Encoder, model_name: str, api_keys: list[str], policy: Me
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..serve.server import _is_loopback, api_keys
+    from ..serve.auth import api_keys
+    from ..serve.server import _is_loopback
 
     if not _is_loopback(args.host):
         raise ValueError(

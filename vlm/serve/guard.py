@@ -4,13 +4,21 @@ A pure ASGI middleware (vLLM adds it through its `--middleware` option, outermos
 - checks the API key first, on every route but the health probes (/health, /ping), so an unauthenticated
   caller can neither make the server fetch anything nor read /metrics, /tokenize, /docs, ...;
 - refuses an unknown model name (404);
-- loads every `image_url` of a chat request under `vlm.serve.media`'s policy (corrupt/truncated images, non-image
-  data URLs, unsupported schemes, pixel bombs, file:// outside the allowed directory, private addresses) and
-  rewrites http(s)/file URLs as `data:` URLs, so vLLM never fetches a URL or opens a file itself;
+- classifies every content part of a chat request by its keys, as vLLM does (`vlm.serve.parts`): an image part
+  (typed or not) is loaded under `vlm.serve.media`'s policy (corrupt/truncated images, formats outside the allow-list,
+  non-image data URLs, unsupported schemes, pixel bombs, file:// outside the allowed directory, private
+  addresses) and replaced by one canonical `image_url` part holding a `data:` URL of the vetted bytes, so vLLM
+  never fetches a URL, opens a file or parses another shape; any other media, a client `uuid`, and a part it
+  cannot classify are refused, naming the message and the part;
 - refuses more images than allowed, and `<image>` typed into text (it would silently act as a plain token);
-- refuses media on any other endpoint (images are served through /v1/chat/completions only), the image token
-  anywhere else in a request (as text, or as its id in a token-id prompt), per-request chat templates and
-  template/processor kwargs (a template decides where image placeholders go), and JSON nested absurdly deep.
+- refuses media anywhere but in the content parts of the routes that serve images (/v1/chat/completions and
+  its /invocations alias), the route being the one the app itself matches for the request (its routes, read
+  from `scope["app"]` and logged at start-up), so a root_path prefix or a trailing slash cannot disguise one;
+- refuses the image token anywhere in a request (as text, or as its id in a token-id prompt), request fields
+  that steer rendering or media processing (REFUSED_FIELDS), and JSON nested absurdly deep.
+
+Refusals carry a request id, which the server log repeats next to any library error text behind it; that text
+never goes to the client.
 
 Its settings come from the `VLM_GUARD` environment variable (JSON), written by `vlm serve`, because vLLM
 instantiates middleware itself, by import path. It holds only SHA-256 digests of the API keys, so the keys
@@ -20,8 +28,8 @@ never reach the environment of vLLM's child processes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -29,29 +37,34 @@ from typing import Any
 
 import anyio
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from ..constants import IMAGE_TOKEN
+from .auth import bearer_authorized
 from .media import MediaError, MediaPolicy, load_image_url, to_data_url
+from .parts import NAME_MAPS, PartError, classify_part, image_part, media_marker
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "VLM_GUARD"
 OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness probes: no key, no body, no data
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # real requests nest < 10 deep; deeper only tries to exhaust recursion
-# Request fields that would change how the prompt (and its image placeholders) is rendered or processed.
-REFUSED_FIELDS = ("chat_template", "chat_template_kwargs", "mm_processor_kwargs")
+# Request fields (vLLM 0.32's protocol classes) that change how the prompt and its image placeholders are
+# rendered, or how media is loaded and processed, or that hand the engine media state it did not compute.
+REFUSED_FIELDS = (
+    "chat_template",  # a template decides where image placeholders go
+    "chat_template_kwargs",
+    "mm_processor_kwargs",  # processor settings: image size, tiling, ... (cost and placeholders)
+    "media_io_kwargs",  # how media is loaded (video frames, ...)
+    "features",  # /inference/v1/generate: precomputed multimodal tensors and their cache hashes
+    "ec_transfer_params",  # encoder-cache transfer: image features from elsewhere
+    "kv_transfer_params",  # KV-cache transfer from another prefill (disaggregated serving only)
+    "prompt_embeds",  # /v1/completions: embeddings in place of tokens
+)
 TOKEN_FIELDS = {"prompt", "prompt_token_ids", "token_ids", "input_ids"}  # where token-id prompts are read
 BODY_METHODS = {"POST", "PUT", "PATCH"}
-MEDIA_PART_TYPES = {"image_url", "input_image", "image", "image_pil", "image_embeds"}
-UNSUPPORTED_PART_TYPES = {
-    "video_url",
-    "audio_url",
-    "input_audio",
-    "video",
-    "audio",
-    "file",
-    "input_file",
-    "document",
-}
+SERVING_PATHS = frozenset({"/v1/chat/completions", "/invocations"})  # the routes that serve images
 
 
 @dataclasses.dataclass
@@ -75,64 +88,53 @@ class GuardConfig:
         return cls(**values)
 
 
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError", detail: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.detail = status, message, kind, detail
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
+def error_response(status: int, message: str, kind: str, request_id: str | None = None) -> JSONResponse:
     # The OpenAI error shape, which vLLM uses too, so clients raise their usual exception classes.
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
+    error = {"message": message, "type": kind, "param": None, "code": status}
+    if request_id:
+        error["request_id"] = request_id
+    return JSONResponse({"error": error}, status)
 
 
-def _image_url(part: dict[str, Any]) -> str:
-    value = part.get("image_url")
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not url:
-        raise RequestError(400, "image_url part has no url")
-    return url
-
-
-def check_chat(body: dict[str, Any], config: GuardConfig) -> None:
-    """Validate a chat request in place, replacing every image URL by a vetted data: URL."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return  # vLLM's own schema validation answers malformed requests
+def _chat_images(messages: Any) -> list[tuple[str, list, int, str]]:
+    """(where, content list, index, URL) of every image part; a 400 naming the first part it refuses."""
     images = []
-    for message in messages:
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
         content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, list) else []:
-            if not isinstance(part, dict):
-                continue
-            kind = part.get("type")
-            if not isinstance(kind, str):
-                continue  # vLLM's schema validation refuses it (a list here used to crash the set lookup)
-            if kind == "image_url":
-                images.append(part)
-            elif kind in MEDIA_PART_TYPES or kind in UNSUPPORTED_PART_TYPES:
-                raise RequestError(
-                    400, f"content part type {kind!r} is not supported; send images as image_url"
-                )
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise RequestError(400, f"messages[{i}].content must be a string or a list of content parts")
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            try:
+                url = classify_part(part)
+            except PartError as err:
+                raise RequestError(400, f"{where} {err}") from None
+            if url is not None:
+                images.append((where, content, j, url))
+    return images
+
+
+def _load_images(images: list[tuple[str, list, int, str]], config: GuardConfig) -> None:
+    """Load every image under the policy and put one canonical part with a vetted data: URL in its place."""
     if len(images) > config.max_images:
         raise RequestError(
             400, f"the request has {len(images)} images; this server accepts at most {config.max_images}"
         )
-    for i, part in enumerate(images):
-        url = _image_url(part)
+    for where, content, j, url in images:
         try:
             data, image = load_image_url(url, config.policy)
         except MediaError as err:
-            raise RequestError(err.status, f"image {i + 1}: {err}") from None
-        if url.startswith("data:"):
-            continue  # vetted as it is; no need to re-encode
-        value = part["image_url"]
-        url = to_data_url(data, image)
-        part["image_url"] = {**value, "url": url} if isinstance(value, dict) else {"url": url}
+            raise RequestError(err.status, f"{where}: {err}", detail=err.detail) from None
+        # Re-encoded even when it came as a data: URL: vLLM then decodes exactly the bytes vetted here.
+        content[j] = image_part(to_data_url(data, image))
 
 
 def _walk(body: Any) -> Iterator[tuple[str | None, Any]]:
@@ -149,16 +151,27 @@ def _walk(body: Any) -> Iterator[tuple[str | None, Any]]:
             stack.extend((key, v, depth + 1) for v in value)  # list items inherit their list's key
 
 
-def _is_media(value: Any) -> bool:
-    if not isinstance(value, dict):
-        return False
-    kind = value.get("type")
-    return "image_url" in value or (
-        isinstance(kind, str) and kind in MEDIA_PART_TYPES | UNSUPPORTED_PART_TYPES
-    )
+def _media_outside_parts(
+    body: dict[str, Any], values: list[tuple[str | None, Any]], serving: bool
+) -> str | None:
+    """The first media marker in the body, outside the chat content parts a serving route classifies itself."""
+    parts: set[int] = set()
+    messages = body.get("messages") if serving else None
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts.update(id(p) for p in content)
+    for key, value in values:
+        if key in NAME_MAPS or id(value) in parts:
+            continue
+        marker = media_marker(value)
+        if marker is not None:
+            return marker
+    return None
 
 
 def check_request(path: str, body: Any, config: GuardConfig) -> None:
+    """Check a request body for the route `path` (the template of the route the app matched), in place."""
     if not isinstance(body, dict):
         return
     values = list(_walk(body))  # first, so a too-deep body is refused before anything recurses into it
@@ -172,7 +185,9 @@ def check_request(path: str, body: Any, config: GuardConfig) -> None:
     refused = [f for f in REFUSED_FIELDS if body.get(f) not in (None, {}, "")]
     if refused:
         raise RequestError(
-            400, f"{', '.join(refused)}: not accepted in requests; this server renders its own chat template"
+            400,
+            f"{', '.join(refused)}: not accepted in requests; this server renders its own chat template "
+            f"and processes media with its own settings",
         )
     if any(isinstance(v, str) and IMAGE_TOKEN in v for _, v in values):
         raise RequestError(400, f"the request must not contain {IMAGE_TOKEN}; send images as image_url parts")
@@ -181,14 +196,25 @@ def check_request(path: str, body: Any, config: GuardConfig) -> None:
         raise RequestError(
             400, f"token ids must not include the image token id {tokens}; send images as image_url parts"
         )
-    if path == "/v1/chat/completions":
-        check_chat(body, config)
-    elif any(_is_media(v) for _, v in values):
-        raise RequestError(400, "images are accepted on /v1/chat/completions only")
+    serving = path in SERVING_PATHS
+    images = _chat_images(body.get("messages")) if serving else []  # first: a refused part is named
+    marker = _media_outside_parts(body, values, serving)
+    if marker is not None:
+        where = "outside the messages' content parts" if serving else f"on {path}"
+        raise RequestError(
+            400,
+            f"media ({marker}) {where}: images are accepted as image_url content parts of chat messages, "
+            f"on {' and '.join(sorted(SERVING_PATHS))} only",
+        )
+    _load_images(images, config)
+
+
+class _NotAJSONNumber(ValueError):
+    pass
 
 
 def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotAJSONNumber(name)
 
 
 def parse_body(raw: bytes) -> Any:
@@ -197,8 +223,31 @@ def parse_body(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError:
         raise RequestError(400, f"the request nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as err:  # includes UnicodeDecodeError
-        raise RequestError(400, f"the request body is not valid JSON: {str(err)[:200]}") from None
+    except _NotAJSONNumber as err:
+        raise RequestError(400, f"the request body holds {err}, which is not a JSON number") from None
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno}, column {err.colno}"
+        raise RequestError(400, f"the request body is not valid JSON ({where})", detail=err.msg) from None
+    except UnicodeDecodeError as err:
+        raise RequestError(
+            400, "the request body is not valid JSON (not UTF-8 text)", detail=repr(err)
+        ) from None
+    except ValueError as err:  # an integer over Python's digit limit, ...
+        raise RequestError(400, "the request body is not valid JSON", detail=repr(err)) from None
+
+
+def route_path(scope) -> str:
+    """The path template of the route the app will pick for this request, by the app's own matching (a
+    root_path prefix or a path parameter changes nothing); the raw path when there is no app to ask."""
+    app = scope.get("app")
+    for route in getattr(app, "routes", None) or ():
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # a route type that cannot match this scope: not the one
+            continue
+        if match == Match.FULL:
+            return getattr(route, "path", scope.get("path", ""))
+    return scope.get("path", "")
 
 
 def _is_preflight(scope) -> bool:
@@ -206,22 +255,19 @@ def _is_preflight(scope) -> bool:
     return scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers
 
 
-def bearer_authorized(authorization: str, key_hashes: list[bytes]) -> bool:
-    """An `Authorization: Bearer KEY` header against SHA-256 digests, in constant time; no keys: open.
-
-    The field value is read as RFC 9110 defines it, without leading or trailing whitespace (servers differ in
-    whether they strip it first: uvicorn >= 0.55 does), and RFC 7235 allows one or more spaces after the
-    scheme. Any other byte of difference refuses the key.
-    """
-    if not key_hashes:
-        return True
-    scheme, _, token = authorization.strip(" \t").partition(" ")
-    token = token.lstrip(" ")
-    digest = hashlib.sha256(token.encode()).digest()
-    ok = False
-    for key in key_hashes:
-        ok |= secrets.compare_digest(digest, key)
-    return scheme.lower() == "bearer" and ok
+def _log_routes(app) -> None:
+    """Say once, at start-up, which mounted routes take a body and which of them serve images."""
+    routes = [
+        r for r in getattr(app, "routes", None) or () if BODY_METHODS & set(getattr(r, "methods", ()) or ())
+    ]
+    paths = sorted({r.path for r in routes if isinstance(getattr(r, "path", None), str)})
+    serving = [p for p in paths if p in SERVING_PATHS]
+    log.info(
+        "guard: images served on %s; refused on the %d other body routes (%s)",
+        ", ".join(serving) or "no route",
+        len(paths) - len(serving),
+        ", ".join(p for p in paths if p not in SERVING_PATHS),
+    )
 
 
 class MediaGuard:
@@ -229,12 +275,20 @@ class MediaGuard:
         self.app = app
         self.config = config or GuardConfig.from_env()
         self._key_hashes = [bytes.fromhex(h) for h in self.config.api_key_sha256]
+        self._routes_logged = False
+        if log.level == logging.NOTSET:
+            # Our own level: importing vLLM's SageMaker routes sets the root logger to ERROR, which would
+            # silence the refusal lines (and the library text they carry) that operators match by request id.
+            log.setLevel(logging.INFO)
 
     def _authorized(self, scope) -> bool:
         headers = dict(scope.get("headers") or [])
         return bearer_authorized(headers.get(b"authorization", b"").decode("latin-1"), self._key_hashes)
 
     async def __call__(self, scope, receive, send):
+        if not self._routes_logged and scope.get("app") is not None:
+            self._routes_logged = True
+            _log_routes(scope["app"])
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         if scope.get("path") in OPEN_PATHS or _is_preflight(scope):
@@ -251,7 +305,7 @@ class MediaGuard:
         try:
             raw = await self._checked_body(scope, receive)
         except RequestError as err:
-            return await error_response(err.status, err.message, err.kind)(scope, receive, send)
+            return await self._refuse(err, scope)(scope, receive, send)
         if raw is None:
             return  # the client went away
 
@@ -268,6 +322,16 @@ class MediaGuard:
         headers.append((b"content-length", str(len(raw)).encode()))
         return await self.app({**scope, "headers": headers}, replay, send)
 
+    @staticmethod
+    def _refuse(err: RequestError, scope) -> JSONResponse:
+        """The error response, with a request id that the log line (and any library text behind it) repeats."""
+        request_id = f"guard-{secrets.token_hex(8)}"
+        level = logging.WARNING if err.detail else logging.INFO
+        detail = f" [{err.detail}]" if err.detail else ""
+        log.log(level, "%s %s %s: %d %s%s", request_id, scope.get("method"), scope.get("path"), err.status,
+                err.message, detail)  # fmt: skip
+        return error_response(err.status, err.message, err.kind, request_id)
+
     async def _checked_body(self, scope, receive) -> bytes | None:
         chunks, size = [], 0
         while True:
@@ -282,5 +346,11 @@ class MediaGuard:
                 break
         body = parse_body(b"".join(chunks))
         # Fetching and decoding block: run them off the event loop so other requests keep flowing.
-        await anyio.to_thread.run_sync(check_request, scope.get("path", ""), body, self.config)
+        try:
+            await anyio.to_thread.run_sync(check_request, route_path(scope), body, self.config)
+        except RequestError:
+            raise
+        except Exception as err:  # a guard bug: refuse (never pass unchecked), log the traceback, no 500
+            log.exception("guard: checking a request failed")
+            raise RequestError(400, "the request could not be checked", detail=repr(err)) from None
         return json.dumps(body).encode()

@@ -1,7 +1,12 @@
 """Untrusted image input: decode safely, fetch URLs without SSRF, read local files only inside an allowed root.
 
 Shared by the server's guard (`vlm.serve.guard`) and batch captioning (`vlm.serve.caption`). Every refusal is a `MediaError`
-carrying the HTTP status it should become and a message that says what was wrong.
+carrying the HTTP status it should become and a message of our own that says what was wrong. A library's error
+text (PIL's, the resolver's, the socket's) never goes into that message, which a client sees; it goes into
+`detail`, for the server's log.
+
+Only PNG, JPEG, WebP, GIF and BMP are decoded, recognised by their first bytes before any PIL plugin runs: PIL
+would otherwise pick among all its plugins, some of which start external programs (EPS and PDF run Ghostscript).
 """
 
 from __future__ import annotations
@@ -28,9 +33,35 @@ MAX_REDIRECTS = 3
 
 
 class MediaError(ValueError):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, detail: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.detail = status, detail  # detail: library text, for the log only
+
+
+# PIL format -> (the MIME type we write, declared MIME types that agree with it)
+FORMATS = {
+    "PNG": ("image/png", {"image/png"}),
+    "JPEG": ("image/jpeg", {"image/jpeg", "image/jpg", "image/pjpeg"}),
+    "WEBP": ("image/webp", {"image/webp"}),
+    "GIF": ("image/gif", {"image/gif"}),
+    "BMP": ("image/bmp", {"image/bmp", "image/x-bmp", "image/x-ms-bmp"}),
+}
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The allowed format the bytes start with (its PIL name), or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +74,19 @@ class MediaPolicy:
 
 
 def decode_image(data: bytes, policy: MediaPolicy, what: str = "image") -> Image.Image:
-    """Decode fully (so truncation shows now, not inside the engine), refusing bombs before decompressing."""
+    """Decode fully (so truncation shows now, not inside the engine), refusing bombs before decompressing.
+
+    Only the allowed formats, checked on the first bytes; PIL then tries that one plugin and no other.
+    """
     if len(data) > policy.max_image_bytes:
         raise MediaError(413, f"{what} is {len(data)} bytes; the limit is {policy.max_image_bytes}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise MediaError(400, f"{what} is not a readable image: its bytes are not {FORMAT_NAMES}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size  # from the header: nothing is decompressed yet
             if width * height > policy.max_image_pixels:
                 raise MediaError(
@@ -61,12 +98,22 @@ def decode_image(data: bytes, policy: MediaPolicy, what: str = "image") -> Image
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise MediaError(413, f"{what} exceeds the pixel limit: {err}") from None
-    except Image.UnidentifiedImageError:
-        raise MediaError(400, f"{what} is not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated/corrupt data
-        raise MediaError(400, f"{what} is corrupt or truncated: {err}") from None
+        limit = policy.max_image_pixels
+        raise MediaError(413, f"{what} exceeds the pixel limit of {limit}", str(err)) from None
+    except Image.UnidentifiedImageError as err:
+        raise MediaError(400, f"{what} is not a readable {fmt} image (corrupt header)", str(err)) from None
+    except Exception as err:  # PIL's errors for truncated/corrupt data, and its bugs on hostile input
+        raise MediaError(400, f"{what} is a corrupt or truncated {fmt} image", repr(err)) from None
     return image
+
+
+def check_declared_type(mime: str, data: bytes) -> None:
+    """A data URL's declared MIME type must name an allowed format, and the one its bytes are in."""
+    fmt = sniff_format(data)
+    if not any(mime in accepted for _, accepted in FORMATS.values()):
+        raise MediaError(400, f"data URL has media type {mime!r}; accepted: {FORMAT_NAMES}")
+    if fmt is not None and mime not in FORMATS[fmt][1]:
+        raise MediaError(400, f"data URL says {mime} but its bytes are a {fmt} image")
 
 
 def parse_data_url(url: str) -> tuple[str, bytes]:
@@ -87,7 +134,8 @@ def parse_data_url(url: str) -> tuple[str, bytes]:
 
 
 def to_data_url(data: bytes, image: Image.Image) -> str:
-    mime = Image.MIME.get(image.format or "", "image/png")
+    fmt = sniff_format(data) or image.format or ""
+    mime = FORMATS[fmt][0] if fmt in FORMATS else Image.MIME.get(fmt, "image/png")
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
@@ -103,12 +151,16 @@ def read_local(path: str | Path, policy: MediaPolicy) -> bytes:
         raise MediaError(400, "file path contains a NUL byte")
     real, real_root = os.path.realpath(path), os.path.realpath(root)
     if os.path.commonpath([real, real_root]) != real_root:
-        raise MediaError(403, f"{path} is outside the allowed media directory {root}")
+        # The directory is not named: it is the server's own path, no business of the client.
+        raise MediaError(403, f"{path} is outside the allowed media directory")
     if not os.path.isfile(real):
         raise MediaError(400, f"no such file: {path}")
-    if os.path.getsize(real) > policy.max_image_bytes:
-        raise MediaError(413, f"{path} is larger than {policy.max_image_bytes} bytes")
-    return Path(real).read_bytes()
+    try:
+        if os.path.getsize(real) > policy.max_image_bytes:
+            raise MediaError(413, f"{path} is larger than {policy.max_image_bytes} bytes")
+        return Path(real).read_bytes()
+    except OSError as err:  # unreadable (permissions), or gone since the check
+        raise MediaError(400, f"cannot read {path}", repr(err)) from None
 
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -129,8 +181,8 @@ def _vetted_address(host: str, port: int, policy: MediaPolicy) -> str:
     """Resolve once and refuse non-public addresses; the caller connects to this very address (no rebinding)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise MediaError(400, f"cannot resolve image host {host!r}: {err.strerror}") from None
+    except (OSError, UnicodeError) as err:  # gaierror; UnicodeError: a name IDNA cannot encode
+        raise MediaError(400, f"cannot resolve image host {host!r}", repr(err)) from None
     addresses = [info[4][0] for info in infos]
     if not policy.allow_private_urls:
         for address in addresses:
@@ -163,14 +215,24 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+def _split_http_url(url: str) -> tuple[urllib.parse.SplitResult, int]:
+    """The parts and port of an http(s) URL; a bad port or bracketed host is the client's error, not a 500."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        https = parts.scheme == "https"
+        port = parts.port or (443 if https else 80)
+    except ValueError:  # "Port out of range", "Invalid IPv6 URL"
+        raise MediaError(400, f"malformed image URL {url[:80]!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MediaError(400, f"unsupported image URL {url[:80]!r}")
+    return parts, port
+
+
 def fetch_url(url: str, policy: MediaPolicy) -> bytes:
     """GET an http(s) image, vetting the address of every hop (redirects are followed by hand)."""
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise MediaError(400, f"unsupported image URL {url[:80]!r}")
+        parts, port = _split_http_url(url)
         https = parts.scheme == "https"
-        port = parts.port or (443 if https else 80)
         address = _vetted_address(parts.hostname, port, policy)
         conn_cls = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
         conn = conn_cls(parts.hostname, address, port=port, timeout=policy.fetch_timeout_s)
@@ -184,8 +246,10 @@ def fetch_url(url: str, policy: MediaPolicy) -> bytes:
             if response.status != 200:
                 raise MediaError(400, f"fetching the image URL gave HTTP {response.status}")
             data = response.read(policy.max_image_bytes + 1)
-        except (OSError, http.client.HTTPException) as err:
-            raise MediaError(400, f"could not fetch the image URL: {err}") from None
+        except MediaError:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as err:  # ValueError: a bad Location, ...
+            raise MediaError(400, "could not fetch the image URL", repr(err)) from None
         finally:
             conn.close()
         if len(data) > policy.max_image_bytes:
@@ -198,11 +262,15 @@ def load_image_url(url: str, policy: MediaPolicy) -> tuple[bytes, Image.Image]:
     """Bytes and decoded image of a `data:`, `http(s)://` or `file://` URL, under the policy."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        _, data = parse_data_url(url)
+        mime, data = parse_data_url(url)
+        check_declared_type(mime, data)
     elif scheme in ("http", "https"):
         data = fetch_url(url, policy)
     elif scheme == "file":
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            raise MediaError(400, f"malformed image URL {url[:80]!r}") from None
         if parts.netloc not in ("", "localhost"):
             raise MediaError(400, f"file:// URL names a remote host {parts.netloc!r}")
         data = read_local(urllib.request.url2pathname(parts.path), policy)

@@ -47,17 +47,6 @@ def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
     return argv + list(args.vllm_args)
 
 
-def api_keys(args: argparse.Namespace) -> list[str]:
-    """--api-key, --api-key-file or VLLM_API_KEY. The variable is removed so no child process inherits it."""
-    env_key = os.environ.pop("VLLM_API_KEY", None)
-    if args.api_key_file:
-        key = Path(args.api_key_file).read_text().strip()
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
-        return [key]
-    return [k for k in (args.api_key or env_key,) if k]
-
-
 def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not args.allow_remote:
         raise ValueError(
@@ -67,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
-    from .guard import ENV_VAR, GuardConfig, key_digest  # needs the serve extra (starlette, anyio)
+    from .auth import api_keys, key_digest
+    from .guard import ENV_VAR, GuardConfig  # needs the serve extra (starlette, anyio)
 
     served_name = args.served_model_name or checkpoint.resolve().name
     guard = GuardConfig(
