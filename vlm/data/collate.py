@@ -71,7 +71,10 @@ def _pixel_values(samples: Sequence[dict]) -> torch.Tensor | None:
 
 
 def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor | None]:
-    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache."""
+    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache; {} for
+    text-only datasets (language pretraining, vlm/data/text.py), whose items carry neither."""
+    if samples and "pixel_values" not in samples[0] and "image_features" not in samples[0]:
+        return {}
     if samples and "image_features" in samples[0]:
         features = torch.cat([s["image_features"] for s in samples], dim=0)
         return {"image_features": features if len(features) else None}
