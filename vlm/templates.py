@@ -5,6 +5,11 @@ Every template wraps the assistant's supervised text in `{% generation %}` so tr
 template's own assistant spans (`return_assistant_tokens_mask=True`), never by re-deriving them from strings.
 Message content may be a string holding literal `<image>` markers (LLaVA JSON) or a list of OpenAI-style parts
 (`{"type": "image"}` / `{"type": "text", "text": ...}`, as vLLM passes them); both render the same `<image>` tokens.
+
+One rule for special tokens, so the ids of training, `vlm eval`, serving and captioning are the same: the chat
+template owns them, and rendered text is always tokenized with `add_special_tokens=False` (as transformers'
+`apply_chat_template` and vLLM's chat route do). `chat_template_for` leads a template with `bos_token` where the
+tokenizer's family expects one (it adds BOS to plain text, as Llama's does; Qwen2's does not).
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ def get_template(name: str) -> ChatTemplate:
 
 def available_templates() -> list[str]:
     return sorted(_TEMPLATES)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer, left to its defaults, puts BOS before plain text (Llama's do, Qwen2's do not)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def chat_template_for(name: str, tokenizer) -> str:
+    """The registered template's jinja, led by `bos_token` when the tokenizer adds BOS (see the module docstring)."""
+    jinja = get_template(name).jinja
+    return "{{- bos_token -}}" + jinja if tokenizer_adds_bos(tokenizer) else jinja
 
 
 # Renders one message's content as text: image parts become "<image>\n", text parts their text.
