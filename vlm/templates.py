@@ -62,10 +62,14 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def chat_template_for(name: str, tokenizer) -> str:
-    """The registered template's jinja, led by `bos_token` when the tokenizer adds BOS (see the module docstring)."""
-    jinja = get_template(name).jinja
+def led_by_bos(jinja: str, tokenizer) -> str:
+    """`jinja` led by `bos_token` when the tokenizer adds BOS to plain text (see the module docstring)."""
     return "{{- bos_token -}}" + jinja if tokenizer_adds_bos(tokenizer) else jinja
+
+
+def chat_template_for(name: str, tokenizer) -> str:
+    """The registered template's jinja as this tokenizer's checkpoint and training render it."""
+    return led_by_bos(get_template(name).jinja, tokenizer)
 
 
 # Renders one message's content as text: image parts become "<image>\n", text parts their text.
