@@ -262,7 +262,7 @@ def test_old_config_without_new_keys_loads_the_old_way():
 def test_output_scale_multiplies_the_output_and_learns(name):
     base = tiny_connector(name)
     scaled = tiny_connector(name, output_scale=True)
-    scaled.load_state_dict({**base.state_dict(), "log_output_scale": torch.tensor(0.0)})
+    scaled.load_state_dict({**base.state_dict(), "log_output_scale": torch.zeros(1)})
     x = torch.randn(2, 16, VISION)
     with torch.no_grad():
         torch.testing.assert_close(scaled(x), base(x))

@@ -60,7 +60,8 @@ class Connector(nn.Module):
         self.vision_hidden_size = vision_hidden_size
         self.text_hidden_size = text_hidden_size
         self.num_patches = num_patches
-        self.log_output_scale = nn.Parameter(torch.zeros(())) if config.output_scale else None
+        # Shape (1,), not a 0-dim scalar: ZeRO-3 cannot partition 0-dim parameters.
+        self.log_output_scale = nn.Parameter(torch.zeros(1)) if config.output_scale else None
 
     def reset_parameters(self):
         """Raw parameters no nn/transformers init covers; subclasses extend it (and call it)."""
