@@ -28,6 +28,10 @@ def check_llava_compatible(model: VLMForConditionalGeneration) -> None:
         raise ValueError(
             f"llava-hf export needs the mlp connector with depth 2 (Llava's projector); this checkpoint has {connector}"
         )
+    if connector.get("output_scale"):
+        raise ValueError(
+            "llava-hf export: Llava's projector has no output scale; this mlp has output_scale: true"
+        )
 
 
 def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:

@@ -37,4 +37,4 @@ class MLPConnector(Connector):
         return num_patches
 
     def forward(self, features):
-        return self.proj(features)
+        return self.scale_output(self.proj(features))
