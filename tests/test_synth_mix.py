@@ -136,7 +136,6 @@ def test_every_training_record_fits_the_stage2_recipes_through_the_chat_template
     for name in TRAIN_FILES:
         samples = [encode_conversation(r, proc, "chatml", max_length=None) for r in data[name]]
         longest[name] = max(s.n_tokens for s in samples)
-    print(longest)
     assert max(longest.values()) <= max_length, longest
 
 
