@@ -1,7 +1,8 @@
-"""Every string the synthetic generator can emit, in one place.
+"""The synthetic world's vocabulary and question wordings: colours, shapes, instructions, questions (seen and
+held out), yes/no wordings, answers and the canonical caption.
 
-`synth.generate()` builds its records from these templates and `synth.corpus_texts()` enumerates them, so
-the tokenizer trained on the corpus at model-init time always covers the data. Change wording here only.
+Paraphrases live in `synth_para.py`, conversation and text-only templates in `synth_mix.py`. `synth.corpus_texts()`
+enumerates all three, so the tokenizer trained on the corpus at model-init time covers every word of the data.
 """
 
 from __future__ import annotations
