@@ -4,9 +4,11 @@ LlavaProcessor around the tiny tower and LLM presets and the locally trained tok
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from vllm_helpers import _ROOT
 
 # llava-hf/llava-1.5-7b-hf's chat template, verbatim.
 LLAVA_HF_TEMPLATE = (
@@ -83,3 +85,27 @@ def tiny_llava(
         chat_template=chat_template,
     ).save_pretrained(out)
     return out
+
+
+# Two stock layouts covering every field the importer maps: LLaVA-1.5's (CLIP, drop CLS, layer -2, gelu, biased
+# projector) and a SigLIP one (all patches, last layer, tanh gelu, no projector bias).
+VARIANTS = {
+    "clip-default": dict(tower="clip", strategy="default", layer=-2, bias=True, act="gelu"),
+    "siglip-full": dict(tower="siglip", strategy="full", layer=-1, bias=False, act="gelu_pytorch_tanh"),
+}
+
+
+@functools.cache
+def stock(variant: str) -> Path:
+    """A stock llava-hf checkpoint on disk, built once per session."""
+    return tiny_llava(_ROOT / f"llava-{variant}", **VARIANTS[variant])
+
+
+@functools.cache
+def imported(variant: str) -> Path:
+    """`stock(variant)` imported and saved as a vlm checkpoint, once per session."""
+    from vlm.build import save_checkpoint
+    from vlm.importer import import_checkpoint
+
+    model, processor = import_checkpoint("llava-hf", str(stock(variant)))
+    return save_checkpoint(model, processor, _ROOT / f"vlm-{variant}")

@@ -3,15 +3,14 @@ does, export back to the same tensors, and what cannot be represented is refused
 
 from __future__ import annotations
 
-import functools
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import chat
-from llava_helpers import LLAVA_HF_TEMPLATE, tiny_llava
+from llava_helpers import LLAVA_HF_TEMPLATE, VARIANTS, imported, stock, tiny_llava
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 from vllm_helpers import noise_image
@@ -21,25 +20,6 @@ from vlm.cli import main
 from vlm.export import export_llava_hf
 from vlm.importer import ImportRefused, import_checkpoint
 from vlm.templates import get_template, resolve_template
-
-# Two stock layouts covering every field the importer maps: LLaVA-1.5's (CLIP, drop CLS, layer -2, gelu, biased
-# projector) and a SigLIP one (all patches, last layer, tanh gelu, no projector bias).
-VARIANTS = {
-    "clip-default": dict(tower="clip", strategy="default", layer=-2, bias=True, act="gelu"),
-    "siglip-full": dict(tower="siglip", strategy="full", layer=-1, bias=False, act="gelu_pytorch_tanh"),
-}
-_ROOT = Path(tempfile.mkdtemp(prefix="vlm-import-tests-"))
-
-
-@functools.cache
-def stock(variant: str) -> Path:
-    return tiny_llava(_ROOT / f"llava-{variant}", **VARIANTS[variant])
-
-
-@functools.cache
-def imported(variant: str) -> Path:
-    model, processor = import_checkpoint("llava-hf", str(stock(variant)))
-    return save_checkpoint(model, processor, _ROOT / f"vlm-{variant}")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -118,7 +98,6 @@ def test_unmatched_chat_template_is_carried_verbatim(tmp_path):
 
 
 def _edit_config(src: Path, dst: Path, **changes) -> Path:
-    import shutil
 
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
