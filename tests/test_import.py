@@ -134,6 +134,8 @@ def test_default_strategy_on_a_tower_without_cls_is_refused(tmp_path):
 def test_non_llava_config_is_refused(tmp_path, capsys):
     model, processor = build_base_model("clip", "llama", "mlp")
     save_checkpoint(model, processor, tmp_path)
+    # (A `vlm init` base keeps ChatML, which the stage 2 recipes' template: auto picks.)
+    assert resolve_template("auto", AutoProcessor.from_pretrained(tmp_path).chat_template) == "chatml"
     assert main(["import", "--from", "llava-hf", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "config.json model_type is 'vlm'; --from llava-hf reads 'llava'" in capsys.readouterr().err
 
