@@ -110,7 +110,9 @@ class Recipe:
     model: str
     output_dir: str
     data: list[DataSource]
-    template: str = "chatml"  # chat template from vlm/templates.py: "plain" for stage 1, "chatml" for stage 2
+    # chat template from vlm/templates.py: "plain" for stage 1; stage 2 "auto": the checkpoint's own (chatml for
+    # `vlm init` bases, llava for `vlm import --from llava-hf`), so the model is served as it was tuned
+    template: str = "chatml"
     tune: Literal["connector", "full", "lora"] = "connector"  # what learns besides the (always frozen) tower
     init_connector_from: str | None = None  # a stage 1 checkpoint whose connector replaces the model's
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
