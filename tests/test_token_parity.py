@@ -14,7 +14,7 @@ from vllm_helpers import bos_style_checkpoint, noise_image
 from vlm.data.samples import encode_conversation
 from vlm.eval.engines import HFEngine
 from vlm.serve.caption import caption_prompt
-from vlm.templates import tokenizer_adds_bos
+from vlm.templates import resolve_template, tokenizer_adds_bos
 
 STYLES = ["llama", "qwen2"]
 QUESTION = "what colour is the shape?"
@@ -55,6 +55,8 @@ def test_training_and_hf_eval_prompt_ids_are_identical(parity):
     assert eval_ids.count(tok.bos_token_id) == (1 if style == "llama" else 0)
     assert (eval_ids[0] == tok.bos_token_id) == (style == "llama")
     assert eval_ids.count(processor.image_token_id) == processor.num_image_tokens
+    # `template: auto` recognises the checkpoint's template, BOS-led or not.
+    assert resolve_template("auto", processor.chat_template) == "chatml"
     # Batch captioning renders its prompt the same way (vLLM then tokenizes it: the test below).
     assert caption_prompt(ckpt, QUESTION) == text
 

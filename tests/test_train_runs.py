@@ -354,3 +354,45 @@ def test_zero3_rank_with_a_text_only_micro_batch_neither_hangs_nor_changes_the_l
     assert len(got) == 2
     expected = _text_only_step_loss(workspace / "base", [image, text])
     assert got[0] == pytest.approx(expected, rel=0, abs=1e-5)
+
+
+def _mix_and_eval(ws: Path, every: int) -> list[str]:
+    d = ws / "data"
+    return [
+        f"data=[{{path: {d / 'vqa_train.jsonl'}, weight: 0.6}}, {{path: {d / 'caption_train.jsonl'}, weight: 0.4}}]",
+        f"eval={{every: {every}, limit: 6, tasks: {{vqa: {d / 'vqa_eval.jsonl'}, caption: {d / 'caption_eval.jsonl'}, "
+        f"pope: {d / 'pope_eval.jsonl'}}}}}",
+    ]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mixed_run_logs_loss_per_source_and_evals_during_training(workspace):
+    out = workspace / "mix_eval"
+    result = train("stage2", out, workspace, f"model={workspace / 'base'}", "max_steps=5", "log_every=2",
+                   *_mix_and_eval(workspace, every=2))  # fmt: skip
+    rows = _rows(out)
+    seen = {name for r in rows for name in r["source_loss"]}
+    assert seen == {"vqa_train", "caption_train"}
+    for r in rows:  # the sources' token-weighted losses are the step loss; never more sources than exist
+        assert set(r["source_loss_ema"]) <= seen and r["source_loss"]
+    assert [r["step"] for r in rows if "eval" in r] == [2, 4, 5]  # every 2 steps, and the last
+    scores = rows[1]["eval"]
+    assert {"vqa/accuracy", "caption/cider_d", "pope/f1", "pope/yes_ratio"} <= set(scores)
+    assert all(0 <= scores[k] <= 1 for k in ("vqa/accuracy", "pope/f1"))
+    assert "source loss (EMA): vqa_train" in result.stderr + result.stdout
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["final_eval"] == rows[-1]["eval"]
+    assert (out / "loss.png").is_file() and any((out / "tb").iterdir())
+
+
+def test_eval_under_zero3_with_two_ranks_does_not_hang(workspace):
+    """Every rank runs the eval forward (synced generate) under ZeRO-3; the run finishes within the timeout."""
+    out = workspace / "mix_eval_zero3"
+    train("stage2", out, workspace, f"model={workspace / 'base'}", "max_steps=2", "deepspeed=stages/zero3.json",
+          *_mix_and_eval(workspace, every=1), procs=2)  # fmt: skip
+    rows = _rows(out)
+    assert [r["step"] for r in rows if "eval" in r] == [1, 2]
+    assert {name for r in rows for name in r["source_loss"]} == {"vqa_train", "caption_train"}

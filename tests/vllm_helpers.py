@@ -6,10 +6,16 @@ import atexit
 import base64
 import functools
 import io
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from PIL import Image
@@ -48,6 +54,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+STARTUP_TIMEOUT_S = 300
+
+
+class Server:
+    """`vlm serve CKPT` in a subprocess on a free loopback port, float32; `api_key`: what client() sends."""
+
+    def __init__(self, name: str, ckpt: Path, args: list[str], log_dir: Path, api_key: str = "none"):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{name}.log"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "vlm.cli", "serve", str(ckpt), "--port", str(self.port)]
+        cmd += ["--dtype", "float32", "--max-model-len", "512", *args]
+        self._log = open(self.log_path, "w")
+        # A new session: teardown signals the server and the engine processes it started, nothing else.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def client(self, api_key: str | None = None):
+        import openai
+
+        return openai.OpenAI(
+            base_url=f"{self.base}/v1", api_key=api_key or self.api_key, max_retries=0, timeout=60
+        )
 
 
 # vLLM's own log format: "(EngineCore pid=12) INFO 12-03 08:27:19 [core.py:133] ..." (the prefix is optional).

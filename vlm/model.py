@@ -53,9 +53,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         model.freeze_vision_tower()  # loading swaps in fresh Parameters, which default to requires_grad=True
-        return model
+        return loaded
 
     # -- parts -------------------------------------------------------------------------------------------------
     def freeze_vision_tower(self) -> None:

@@ -41,11 +41,12 @@ __all__ = [
 ]
 
 # Batch entries that are not model inputs: pass the rest to the model with `model_inputs(batch)`.
-BOOKKEEPING_KEYS = ("ids", "skipped", "n_samples", "seq_lengths")
+BOOKKEEPING_KEYS = ("ids", "skipped", "n_samples", "seq_lengths", "token_sources")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without its bookkeeping entries (ids, skipped, n_samples, seq_lengths), for `model(**...)`."""
+    """The batch without its bookkeeping entries (ids, skipped, n_samples, seq_lengths, token_sources), for
+    `model(**...)`."""
     return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
 
@@ -77,7 +78,8 @@ def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
 
 class Collator:
     """Pads a list of samples into input_ids, attention_mask (B, L), labels (IGNORE_INDEX on padding),
-    pixel_values, ids (and skipped, see the module docstring)."""
+    pixel_values, ids, token_sources ((B, L) the source index of each sample's tokens, -1 on padding: for the
+    per-source loss) and skipped (see the module docstring)."""
 
     def __init__(
         self,
@@ -100,12 +102,14 @@ class Collator:
         input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((n, length), dtype=torch.long)
+        token_sources = torch.full((n, length), -1, dtype=torch.long)
         for row, s in enumerate(samples):
             k = len(s["input_ids"])
             cols = slice(0, k) if self.padding_side == "right" else slice(length - k, length)
             input_ids[row, cols] = s["input_ids"]
             labels[row, cols] = s["labels"]
             attention_mask[row, cols] = 1
+            token_sources[row, cols] = s.get("source", 0)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -114,6 +118,7 @@ class Collator:
             "ids": [s["id"] for s in samples],
             "skipped": skipped,
             "seq_lengths": [len(s["input_ids"]) for s in samples],
+            "token_sources": token_sources,
         }
 
 
@@ -154,7 +159,7 @@ class PackingCollator:
     Output: input_ids, labels, position_ids (R, L); attention_mask per `mask` ("bool": (R, 1, L, L) True =
     attend, for SDPA; "float": additive (R, 1, L, L) in `dtype`, for eager; "none": no key, for
     flash_attention_2 or transformers' own packed detection from position_ids); pixel_values; ids (in packed
-    order); skipped; n_samples.
+    order); token_sources (R, L) as in `Collator`; skipped; n_samples.
     """
 
     def __init__(
@@ -186,6 +191,7 @@ class PackingCollator:
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((n, width), dtype=torch.long)
         segments = torch.zeros((n, width), dtype=torch.long)
+        token_sources = torch.full((n, width), -1, dtype=torch.long)
         ordered: list[dict] = []
         for r, row in enumerate(rows):
             at = 0
@@ -200,6 +206,7 @@ class PackingCollator:
                 labels[r, at] = IGNORE_INDEX
                 position_ids[r, at : at + k] = torch.arange(k)
                 segments[r, at : at + k] = seg
+                token_sources[r, at : at + k] = s.get("source", 0)
                 at += k
                 ordered.append(s)
             position_ids[r, at:] = torch.arange(width - at)  # padding: one more segment of its own
@@ -213,6 +220,7 @@ class PackingCollator:
             "skipped": skipped,
             "n_samples": len(ordered),
             "seq_lengths": [len(s["input_ids"]) for s in ordered],
+            "token_sources": token_sources,
         }
         if self.mask != "none":
             allowed = block_causal_mask(segments)
