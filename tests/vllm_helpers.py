@@ -118,3 +118,21 @@ _VLLM_INFO = re.compile(r"(\([\w-]+ pid=\d+\) )?INFO \d\d-\d\d \d\d:\d\d:\d\d \[
 
 def vllm_info_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if _VLLM_INFO.match(line)]
+
+
+@functools.cache
+def bos_style_checkpoint(style: str) -> Path:
+    """A tiny checkpoint made as `vlm init --llm PATH` makes one, from a saved LLM whose tokenizer adds BOS to
+    plain text (style "llama", as Llama's does) or does not (style "qwen2", as Qwen2's does not)."""
+    from transformers import AutoModelForCausalLM
+
+    from vlm.build import build_base_model, prepare_tokenizer, save_checkpoint
+    from vlm.presets import LLM_PRESETS
+
+    llm_dir = _ROOT / f"llm-{style}"
+    tokenizer = prepare_tokenizer(style, seed=0)  # the locally trained BPE, a fresh copy
+    tokenizer.add_bos_token = style == "llama"  # rebuilds the post-processor, saved in tokenizer.json
+    AutoModelForCausalLM.from_config(LLM_PRESETS[style].build_config()).save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    model, processor = build_base_model("clip", str(llm_dir), "mlp", seed=0)
+    return save_checkpoint(model, processor, _ROOT / f"bos-{style}")

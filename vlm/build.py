@@ -24,7 +24,7 @@ from .model import VLMForConditionalGeneration
 from .plugins import load_plugin
 from .presets import LLM_PRESETS, TOWER_PRESETS
 from .processing import VLMProcessor
-from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, get_template
+from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, chat_template_for, get_template
 from .tokenizer import train_bpe_tokenizer
 from .towers import load_tower, tower_spec
 
@@ -139,7 +139,8 @@ def build_base_model(
     if tower_model is not None:
         model.vision_tower.load_state_dict(tower_model.state_dict())
     if llm_model is not None:
-        llm_model.resize_token_embeddings(len(tokenizer))
+        # To the config's size (never below the LLM's own): Qwen2-style vocabularies are larger than the tokenizer.
+        llm_model.resize_token_embeddings(text_config.vocab_size)
         model.language_model.load_state_dict(llm_model.state_dict())
     model.generation_config = generation_config_for(tokenizer)
     if config.connector_config.output_scale:
@@ -149,7 +150,7 @@ def build_base_model(
         image_processor=image_processor_for(tower, vision_config),
         tokenizer=tokenizer,
         num_image_tokens=config.num_image_tokens,
-        chat_template=get_template(DEFAULT_CHAT_TEMPLATE).jinja,
+        chat_template=chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer),  # BOS where the tokenizer adds it
     )
     return model, processor
 

@@ -22,7 +22,7 @@ from .config import VLMConfig
 from .constants import IMAGE_TOKEN
 from .model import VLMForConditionalGeneration
 from .processing import VLMProcessor
-from .templates import match_template
+from .templates import led_by_bos, match_template
 from .towers import SELECT_STRATEGIES, tower_spec
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _chat_template(source, tokenizer, src: str) -> str | None:
     registered = match_template(jinja, tokenizer.special_tokens_map) if jinja else None
     if registered is not None:
         log.info("%s: chat template renders as the registered %r template", src, registered.name)
-        return registered.jinja
+        return led_by_bos(registered.jinja, tokenizer)  # BOS as training renders it
     if jinja:
         log.warning(
             "%s: chat template matches no registered template; carried over verbatim (serving works; "

@@ -5,6 +5,11 @@ Every template wraps the assistant's supervised text in `{% generation %}` so tr
 template's own assistant spans (`return_assistant_tokens_mask=True`), never by re-deriving them from strings.
 Message content may be a string holding literal `<image>` markers (LLaVA JSON) or a list of OpenAI-style parts
 (`{"type": "image"}` / `{"type": "text", "text": ...}`, as vLLM passes them); both render the same `<image>` tokens.
+
+One rule for special tokens, so the ids of training, `vlm eval`, serving and captioning are the same: the chat
+template owns them, and rendered text is always tokenized with `add_special_tokens=False` (as transformers'
+`apply_chat_template` and vLLM's chat route do). `chat_template_for` leads a template with `bos_token` where the
+tokenizer's family expects one (it adds BOS to plain text, as Llama's does; Qwen2's does not).
 """
 
 from __future__ import annotations
@@ -47,6 +52,27 @@ def get_template(name: str) -> ChatTemplate:
 
 def available_templates() -> list[str]:
     return sorted(_TEMPLATES)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer, left to its defaults, puts BOS before plain text (Llama's do, Qwen2's do not)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+BOS_LEAD = "{{- bos_token -}}"
+
+
+def led_by_bos(jinja: str, tokenizer) -> str:
+    """`jinja` led by `bos_token` when the tokenizer adds BOS to plain text (see the module docstring)."""
+    return BOS_LEAD + jinja if tokenizer_adds_bos(tokenizer) else jinja
+
+
+def chat_template_for(name: str, tokenizer) -> str:
+    """The registered template's jinja as this tokenizer's checkpoint and training render it."""
+    return led_by_bos(get_template(name).jinja, tokenizer)
 
 
 # Renders one message's content as text: image parts become "<image>\n", text parts their text.
@@ -182,14 +208,15 @@ def match_template(jinja: str, special_tokens: dict[str, str]) -> ChatTemplate |
     """The registered template that renders every probe prompt exactly as `jinja` does, if one does."""
     if not jinja:
         return None
-    for template in _TEMPLATES.values():
-        if template.jinja == jinja:
+    forms = [(t, form) for t in _TEMPLATES.values() for form in (t.jinja, BOS_LEAD + t.jinja)]
+    for template, form in forms:
+        if form == jinja:
             return template
     theirs = _render_probes(jinja, special_tokens)
     if theirs is None:
         return None
-    for template in _TEMPLATES.values():
-        if _render_probes(template.jinja, special_tokens) == theirs:
+    for template, form in forms:
+        if _render_probes(form, special_tokens) == theirs:
             return template
     return None
 
@@ -199,8 +226,8 @@ def resolve_template(name: str, checkpoint_jinja: str | None) -> str:
     if name != AUTO_TEMPLATE:
         get_template(name)
         return name
-    for template in _TEMPLATES.values():
-        if template.jinja == checkpoint_jinja:
+    for template in _TEMPLATES.values():  # a checkpoint's template is led by BOS where its tokenizer adds one
+        if template.jinja == (checkpoint_jinja or "").removeprefix(BOS_LEAD):
             return template.name
     raise ValueError(
         "template: auto needs the checkpoint's chat_template.jinja to be a registered template "

@@ -3,7 +3,8 @@
 Both collators take the items of `SupervisedDataset` (dicts), drop `None` and `SkippedSample` items, list the
 skipped ones as `(id, reason)` under `batch["skipped"]` (not a model input: see `model_inputs`), and
 return None when nothing is left. `pixel_values` holds the batch's images concatenated in the order their
-placeholders appear row-major (the order the model consumes them), or is None when the batch has no image.
+placeholders appear row-major (the order the model consumes them), an empty (0, 3, H, W) tensor when the batch
+has no image (see `_image_inputs`).
 
 Packing (`PackingCollator`): samples are concatenated into rows of at most max_length tokens.
 - `position_ids` restart at 0 for each sample, so RoPE sees the same positions as unpacked.
@@ -65,18 +66,14 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
-def _pixel_values(samples: Sequence[dict]) -> torch.Tensor | None:
-    # None for a batch without images: the vision tower cannot run on an empty (0, 3, H, W) batch.
-    pixel_values = torch.cat([s["pixel_values"] for s in samples], dim=0)
-    return pixel_values if len(pixel_values) else None
+def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache.
 
-
-def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor | None]:
-    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache."""
-    if samples and "image_features" in samples[0]:
-        features = torch.cat([s["image_features"] for s in samples], dim=0)
-        return {"image_features": features if len(features) else None}
-    return {"pixel_values": _pixel_values(samples)}
+    A batch without images keeps an empty (0, ...) tensor of its kind rather than None: the model then runs the
+    tower and connector on one blank image for a zero loss term, so every rank takes part in ZeRO-3's
+    collectives (VLMForConditionalGeneration._zero_image_term)."""
+    key = "image_features" if samples and "image_features" in samples[0] else "pixel_values"
+    return {key: torch.cat([s[key] for s in samples], dim=0)}
 
 
 class Collator:

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..constants import IGNORE_INDEX
-from ..templates import get_template
+from ..templates import get_template, led_by_bos
 from .images import load_strict
 from .records import conversation_to_messages, record_images
 
@@ -146,7 +146,7 @@ def _encode_compact(
     """(ids with one <image> id per image, supervised mask, image paths, expanded length) or SampleError."""
     sid = _record_id(record)
     tokenizer = processor.tokenizer
-    jinja = get_template(template_name).jinja
+    jinja = led_by_bos(get_template(template_name).jinja, tokenizer)  # BOS as serving renders it
     try:
         messages = conversation_to_messages(record)
     except (KeyError, TypeError, ValueError) as e:

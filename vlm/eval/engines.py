@@ -98,13 +98,18 @@ class HFEngine(_Engine):
         self.model = VLMForConditionalGeneration.from_pretrained(str(checkpoint), **kwargs).eval()
         self.processor.tokenizer.padding_side = "left"  # batched greedy decoding of a decoder-only LLM
 
+    def inputs(self, rendered: list[tuple[list[Image.Image], str]]):
+        """The model inputs of rendered requests: the template's text, tokenized as training tokenizes it (the
+        processor adds no special tokens of its own), each <image> expanded into its placeholders."""
+        images = [img for imgs, _ in rendered for img in imgs]
+        return self.processor(
+            text=[t for _, t in rendered], images=images or None, padding=True, return_tensors="pt"
+        ).to(self.model.device)
+
     def _generate(self, rendered, max_new_tokens, **generate_kwargs):
         import torch
 
-        images = [img for imgs, _ in rendered for img in imgs]
-        inputs = self.processor(
-            text=[t for _, t in rendered], images=images or None, padding=True, return_tensors="pt"
-        ).to(self.model.device)
+        inputs = self.inputs(rendered)
         with torch.no_grad():
             out = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs
