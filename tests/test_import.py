@@ -27,7 +27,13 @@ def test_import_maps_every_field(variant):
     spec = VARIANTS[variant]
     config = json.loads((imported(variant) / "config.json").read_text())
     assert config["model_type"] == "vlm"
-    assert config["connector"] == {"type": "mlp", "depth": 2, "bias": spec["bias"], "hidden_act": spec["act"]}
+    assert config["connector"] == {
+        "type": "mlp",
+        "depth": 2,
+        "bias": spec["bias"],
+        "hidden_act": spec["act"],
+        "output_scale": False,
+    }
     assert config["vision_feature_layer"] == spec["layer"]
     assert config["vision_feature_select_strategy"] == spec["strategy"]
     assert config["vision_config"]["model_type"] == f"{spec['tower']}_vision_model"
