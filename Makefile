@@ -34,6 +34,9 @@ CKPT_DIR    ?= checkpoints$(PARTS)
 # processes per node (NUM_GPUS; CPU ranks without a GPU) and a DeepSpeed hostfile for multi-node runs.
 CONNECTOR   ?= mlp
 STAGE2      ?= stage2
+# MODEL=DIR: stage 2 starts from this checkpoint (e.g. one from `vlm import --from llava-hf`) instead of stage 1's
+# output, and writes to $(RUNS)/<DIR's name>/$(STAGE2).
+MODEL       ?=
 RUNS        ?= runs$(PARTS)
 ARGS        ?=
 NUM_GPUS    ?=
@@ -67,7 +70,7 @@ help:
 	@echo "make stage0  contrastive image+text towers on captions (stages/stage0.yaml -> runs/stage0/final, cached)"
 	@echo "make lm      language pretraining of the tiny LLM on text (stages/lm.yaml -> runs/lm/final, cached)"
 	@echo "make stage1  train the connector on captions (CONNECTOR=mlp|linear|qformer|perceiver, RESUME=1)"
-	@echo "make stage2  instruction-tune from stage 1 (STAGE2=stage2|stage2_lora|stage2_qlora, HOSTFILE=...)"
+	@echo "make stage2  instruction-tune from stage 1 or MODEL=DIR (STAGE2=stage2|stage2_lora|stage2_qlora, HOSTFILE=...)"
 	@echo "make eval    vqa + caption + pope on the held-out split for EVAL_CKPT -> EVAL_DIR/*.json, *.html"
 	@echo "make eval-suites  install lmms-eval (no-deps; see vlm/eval/README.md) for the --model vlm adapter"
 	@echo "make serve   OpenAI-compatible server (vLLM) on 127.0.0.1:\$$PORT for SERVE_CKPT (SERVE_ARGS=--api-key ...)"
@@ -121,9 +124,12 @@ $(LM_CKPT)/config.json: $(DATA)/manifest.json | $(STAMP)
 stage1: data $(CKPT_DIR)/base-$(CONNECTOR)/config.json
 	$(BIN)/vlm train stages/stage1.yaml model=$(CKPT_DIR)/base-$(CONNECTOR) output_dir=$(RUNS)/$(CONNECTOR)/stage1 $(ARGS) $(LAUNCH)
 
+STAGE2_FROM = $(or $(MODEL),$(RUNS)/$(CONNECTOR)/stage1/final)
+STAGE2_OUT  = $(RUNS)/$(if $(MODEL),$(notdir $(patsubst %/,%,$(MODEL))),$(CONNECTOR))/$(STAGE2)
+
 stage2: data
-	@test -f $(RUNS)/$(CONNECTOR)/stage1/final/config.json || { echo "no stage 1 output in $(RUNS)/$(CONNECTOR)/stage1/final: run make stage1 first"; exit 1; }
-	$(BIN)/vlm train stages/$(STAGE2).yaml model=$(RUNS)/$(CONNECTOR)/stage1/final output_dir=$(RUNS)/$(CONNECTOR)/$(STAGE2) $(ARGS) $(LAUNCH)
+	@test -f $(STAGE2_FROM)/config.json || { echo "no checkpoint in $(STAGE2_FROM): run make stage1 first (or set MODEL=DIR)"; exit 1; }
+	$(BIN)/vlm train stages/$(STAGE2).yaml model=$(STAGE2_FROM) output_dir=$(STAGE2_OUT) $(ARGS) $(LAUNCH)
 
 # The demo's stage 1 and 2 runs are file targets too: reused by a rerun, retrained when their input is newer.
 $(RUNS)/%/stage1/final/config.json: $(CKPT_DIR)/base-%/config.json $(DATA)/manifest.json

@@ -130,7 +130,9 @@ def test_every_preset_loads_and_round_trips():
         assert config.to_dict() == raw, (
             f"{path.name} does not round-trip (a key missing, or a YAML type slip)"
         )
-        assert config == type(config)(), f"{path.name} should hold the full-size defaults"
+        # Full-size defaults, with the values `vlm init` gives new checkpoints (new_checkpoint).
+        new = type(config)(**type(config).new_checkpoint)
+        assert config == new, f"{path.name} should hold what vlm init builds at full size"
         assert connector_config_from_dict(config.to_dict()) == config
 
 
@@ -215,3 +217,66 @@ def test_config_dict_has_every_field():
     for name in ALL:
         config = get_connector_class(name).config_class()
         assert set(config.to_dict()) == {"type"} | {f.name for f in dataclasses.fields(config)}
+
+
+def test_qformer_position_embedding_makes_it_position_sensitive():
+    x = torch.randn(2, 16, VISION)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with_pos = tiny_connector("qformer", position_embedding=True).eval()
+        assert not torch.allclose(with_pos(x), with_pos(x[:, perm]), atol=1e-4)
+        # Control: without it, cross-attention over the patches ignores their order.
+        without = tiny_connector("qformer").eval()
+        torch.testing.assert_close(without(x), without(x[:, perm]), atol=1e-5, rtol=1e-5)
+    # No new weight: the names stay BLIP-2's.
+    assert set(with_pos.state_dict()) == set(without.state_dict())
+
+
+def test_qformer_sincos_2d_encodes_row_and_column():
+    from vlm.connectors.qformer import sincos_2d
+
+    table = sincos_2d(4, 4, 16)
+    assert table.shape == (16, 16)
+    # Patches in the same row share the row half; in the same column, the column half.
+    torch.testing.assert_close(table[1, :8], table[2, :8])
+    torch.testing.assert_close(table[1, 8:], table[5, 8:])
+    assert not torch.allclose(table[1, 8:], table[2, 8:])
+    assert len({tuple(row.tolist()) for row in table}) == 16
+
+
+def test_qformer_position_embedding_needs_a_square_grid():
+    with pytest.raises(ValueError, match="square patch grid, got 10"):
+        tiny_connector("qformer", 10, position_embedding=True)
+    with pytest.raises(ValueError, match="built for 16 patches"):
+        tiny_connector("qformer", 16, position_embedding=True)(torch.randn(1, 9, VISION))
+
+
+def test_old_config_without_new_keys_loads_the_old_way():
+    # A config.json written before the keys existed: the dataclass defaults keep its architecture.
+    old = connector_config_from_dict({"type": "qformer", **get_connector_class("qformer").tiny_overrides})
+    assert old.position_embedding is False and old.output_scale is False
+    assert tiny_connector("qformer").log_output_scale is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_scale_multiplies_the_output_and_learns(name):
+    base = tiny_connector(name)
+    scaled = tiny_connector(name, output_scale=True)
+    scaled.load_state_dict({**base.state_dict(), "log_output_scale": torch.zeros(1)})
+    x = torch.randn(2, 16, VISION)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), base(x))
+        scaled.log_output_scale.fill_(torch.log(torch.tensor(0.02)))
+        torch.testing.assert_close(scaled(x), 0.02 * base(x))
+    (scaled(x) * torch.randn(2, 1, 1)).sum().backward()
+    assert scaled.log_output_scale.grad is not None and scaled.log_output_scale.grad != 0
+
+
+@pytest.mark.parametrize("name", ["qformer", "perceiver"])
+def test_calibrate_output_scale_hits_the_target_rms(name):
+    connector = tiny_connector(name, output_scale=True)
+    x = torch.randn(4, 16, VISION)
+    connector.calibrate_output_scale(x, 0.02)
+    with torch.no_grad():
+        rms = connector(x).pow(2).mean().sqrt()
+    assert abs(float(rms) - 0.02) < 1e-5

@@ -57,3 +57,19 @@ def test_tokenize_pairs_checks_its_input():
         cm.tokenize_pairs(["a"], [[]], use_java=False)
     with pytest.raises(ValueError, match="one prediction per image"):
         cm.tokenize_pairs(["a", "b"], [["a"]], use_java=False)
+
+
+def test_human_ceiling_hand_computed():
+    # Each image's references are scored against its others, round by round; each round's IDF comes from that
+    # round's held-out references. Agreeing references score as a perfect candidate does (5, see above).
+    same = [["red circle", "red circle"], ["blue square", "blue square"]]
+    assert cm.human_cider_d(same) == pytest.approx([5.0, 5.0])
+    # Image 0's two references share nothing: 0 in both rounds; image 1 still agrees.
+    assert cm.human_cider_d([["red circle", "green star"], ["blue square", "blue square"]]) == pytest.approx(
+        [0.0, 5.0]
+    )
+    # Three references. Rounds 0 and 1 score "red circle" against ["red circle", "green star"]: CIDEr averages
+    # over references, 5 and 0, so 2.5. Round 2 scores "green star" against two "red circle"s: 0. Mean 5/3.
+    per = cm.human_cider_d([["red circle", "red circle", "green star"], ["blue square"] * 3])
+    assert per == pytest.approx([5 / 3, 5.0])
+    assert cm.human_cider_d([["a b"], ["c d", "c d"]]) is None  # an image with one reference has no ceiling

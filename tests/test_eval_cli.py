@@ -38,13 +38,16 @@ def test_vqa_report_traces_every_prediction(ckpt, data, tmp_path, capsys):
     assert [p["id"] for p in report["predictions"]] == [r["id"] for r in records]
     for p, r in zip(report["predictions"], records, strict=True):
         assert set(p) == REPORT_KEYS and p["references"] == r["answers"] and p["image"] == r["image"]
-        assert p["slices"] == {k: str(r[k]) for k in ("question_type", "num_objects", "image_size")}
+        assert p["slices"] == {
+            k: str(r[k]) for k in ("question_type", "phrasing", "num_objects", "image_size")
+        }
     scores = [p["score"] for p in report["predictions"]]
     assert report["metrics"]["accuracy"] == pytest.approx(sum(scores) / len(scores))
     colour = [p["score"] for p in report["predictions"] if p["slices"]["question_type"] == "colour"]
     assert report["slices"]["question_type=colour"]["n"] == len(colour)
     table = capsys.readouterr().out
     assert "question_type=colour" in table and "num_objects=" in table and "image_size=" in table
+    assert "phrasing=seen" in table and "phrasing=heldout" in table  # the held-out wordings' slice
 
 
 @pytest.mark.slow
@@ -64,12 +67,32 @@ def test_bars_above_the_score_exit_nonzero(ckpt, data, tmp_path, capsys):
     assert _eval(ckpt, "--task", "pope", "--data", data["pope_eval"], "--bars", bars) == 0
 
 
-def test_caption_report_names_its_tokenizer(ckpt, data, tmp_path):
-    out = tmp_path / "caption.json"
-    assert _eval(ckpt, "--task", "caption", "--data", data["caption_eval"], "--out", out, "--no-java") == 0
-    report = read_json(out)
-    assert report["tokenizer"].startswith("fallback") and set(report["metrics"]) == {"cider_d", "bleu4"}
-    assert any("IDF" in note for note in report["notes"])
+def test_caption_report_names_its_tokenizer_and_the_human_ceiling(ckpt, data, tmp_path, capsys):
+    out, page = tmp_path / "{task}.json", tmp_path / "{task}.html"
+    files = (
+        "--task",
+        "caption",
+        "--data",
+        data["caption_eval"],
+        "--task",
+        "describe",
+        "--data",
+        data["describe_eval"],
+    )
+    assert _eval(ckpt, *files, "--out", out, "--html", page, "--no-java") == 0
+    table = capsys.readouterr().out
+    for task in ("caption", "describe"):
+        report = read_json(tmp_path / f"{task}.json")
+        assert report["tokenizer"].startswith("fallback")
+        assert set(report["metrics"]) == {"cider_d", "bleu4", "human_cider_d", "cider_d_ratio"}
+        assert any("IDF" in note for note in report["notes"])
+        assert all(len(p["references"]) == 5 for p in report["predictions"])
+        # 5 distinct true wordings agree partly: a ceiling well above 0 and below a perfect match's
+        human = report["metrics"]["human_cider_d"]
+        assert 0.5 < human < 10, human
+        assert report["metrics"]["cider_d_ratio"] == pytest.approx(report["metrics"]["cider_d"] / human)
+        assert "human_cider_d" in (tmp_path / f"{task}.html").read_text()
+    assert table.count("human_cider_d") == 2 and "describe" in table
 
 
 def test_bad_input_fails_before_the_model_loads_with_clear_errors(ckpt, data, tmp_path, capsys):

@@ -115,3 +115,23 @@ def test_generate_with_kv_cache_equals_greedy_without(build, images, connector):
             ids = torch.cat([ids, nxt], dim=1)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     torch.testing.assert_close(cached, ids, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("connector", ["qformer", "perceiver"])
+def test_init_matches_image_tokens_to_text_embedding_scale(build, images, tmp_path, connector):
+    """`vlm init` turns the new connector features on and starts image tokens at the text embeddings' RMS;
+    the calibrated scale survives a save/load."""
+    from vlm.build import save_checkpoint
+    from vlm.model import VLMForConditionalGeneration
+
+    model, processor = build("clip", "llama", connector)
+    cfg = model.config.connector
+    assert cfg["output_scale"] is True and cfg.get("position_embedding", True) is True
+    text_rms = float(model.get_input_embeddings().weight.detach().pow(2).mean().sqrt())
+    pixels = processor.image_processor(images=images[:1], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        image_rms = float(model.get_image_features(pixels).pow(2).mean().sqrt())
+    assert 0.5 * text_rms < image_rms < 2 * text_rms, (image_rms, text_rms)
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    loaded = VLMForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.connector.log_output_scale, model.connector.log_output_scale)

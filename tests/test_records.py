@@ -43,6 +43,12 @@ def _one_problem(record, root, **kw) -> str:
 
 def test_good_records_pass(root):
     assert validate_record(_rec(), root) == []
+    assert (
+        validate_record(_rec(answers=["red", "crimson"], phrasing="heldout", question_type="colour"), root)
+        == []
+    )
+    text_only = _rec(image=None, human="What is the plural of circle?", gpt="circles")
+    assert "image" not in text_only and validate_record(text_only, root) == []
     assert validate_record(_rec(image=None, human="Hello?"), root) == []  # text-only
     assert validate_record(_rec(image=[], human="Hello?"), root) == []
     two = _rec(image=["img/a.png", "img/b.png"], human="<image>\n<image>\nSame colour?", gpt="no")
@@ -73,6 +79,11 @@ def test_good_records_pass(root):
         ({"id": "r1", "image": "img/a.png"}, "missing 'conversations'"),
         ({"id": "r1", "conversations": []}, "'conversations' is empty"),
         ({"id": "r1", "conversations": "hi"}, "'conversations' must be a list"),
+        (_rec(answers=[]), "'answers' must be a non-empty list"),
+        (_rec(answers=["red", 3]), "'answers' must be a non-empty list"),
+        (_rec(answers="red"), "'answers' must be a non-empty list"),
+        (_rec(phrasing=None), "'phrasing' must be a non-empty string"),
+        (_rec(question_type=""), "'question_type' must be a non-empty string"),
     ],
 )
 def test_bad_record_gives_clear_message_naming_it(root, record, expected):

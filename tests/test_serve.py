@@ -11,18 +11,12 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import http.server
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-from vllm_helpers import data_url, free_port, noise_image, png_bytes, tiny_checkpoint
+from vllm_helpers import Server, data_url, noise_image, png_bytes, tiny_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -30,54 +24,6 @@ openai = pytest.importorskip("openai")
 
 API_KEY = "test-key-123"
 MODEL = "clip-llama-mlp"
-STARTUP_TIMEOUT_S = 300
-
-
-class Server:
-    def __init__(self, name: str, args: list[str], log_dir: Path):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{name}.log"
-        ckpt = tiny_checkpoint("clip", "llama", "mlp")
-        cmd = [sys.executable, "-m", "vlm.cli", "serve", str(ckpt), "--port", str(self.port)]
-        cmd += ["--dtype", "float32", "--max-model-len", "512", *args]
-        self._log = open(self.log_path, "w")
-        # A new session: teardown signals the server and the engine processes it started, nothing else.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base}/health", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
-                )
-            if self.healthy():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(
-            f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_path.read_text()[-4000:]}"
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-    def client(self, api_key: str = API_KEY):
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +39,12 @@ def media_dir(tmp_path_factory):
 def servers(tmp_path_factory, media_dir):
     logs = tmp_path_factory.mktemp("server-logs")
     limits = ["--max-images", "2", "--max-image-pixels", "1000000"]
+    ckpt = tiny_checkpoint("clip", "llama", "mlp")
     started = {
-        "strict": Server("strict", ["--api-key", API_KEY, *limits], logs),
+        "strict": Server("strict", ckpt, ["--api-key", API_KEY, *limits], logs, api_key=API_KEY),
         "open": Server(
             "open",
+            ckpt,
             [
                 "--enforce-eager",
                 "--allow-private-urls",
@@ -105,6 +53,7 @@ def servers(tmp_path_factory, media_dir):
                 *limits,
             ],
             logs,
+            api_key=API_KEY,
         ),
     }
     try:

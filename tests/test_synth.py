@@ -15,7 +15,9 @@ from vlm.data.cli import add_parser
 from vlm.data.records import load_llava_dataset, validate_record
 
 N, N_EVAL = 40, 12
-RECORD_FILES = ("caption_train", "vqa_train", "caption_eval", "vqa_eval")
+IMAGE_FILES = (*synth.STAGE2_SOURCES[:-1], "caption_eval", "describe_eval", "vqa_eval", "pope_eval")
+RECORD_FILES = (*IMAGE_FILES, "text_train", "lm_train")
+SUFFIX = "\n" + synth_text.SHORT_ANSWER
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -80,17 +82,18 @@ def test_train_and_eval_ids_are_disjoint_and_unique(data):
         ids = [r["id"] for r in data[name]]
         assert len(ids) == len(set(ids)), name
     assert {r["scene_id"] for r in data["vqa_eval"]} == evals
-    assert all(r["image"].startswith("images/train/") for r in data["caption_train"] + data["vqa_train"])
-    assert all(r["image"].startswith("images/eval/") for r in data["caption_eval"] + data["vqa_eval"])
+    for name in IMAGE_FILES:
+        split = "train" if name.endswith("_train") else "eval"
+        assert all(r["image"].startswith(f"images/{split}/") for r in data[name]), name
 
 
 def test_every_record_is_valid(out, data):
     for name in RECORD_FILES:
         for r in data[name]:
             assert validate_record(r, out["root"]) == [], (name, r)
-            assert r["conversations"][0]["value"].startswith("<image>\n")
-    for r in data["caption_eval"] + data["vqa_eval"]:
-        assert len(r["conversations"]) == 2 and r["answers"] == [r["conversations"][1]["value"]]
+            assert r["conversations"][0]["value"].startswith("<image>\n") == (name in IMAGE_FILES), (name, r)
+    for r in data["caption_eval"] + data["describe_eval"] + data["vqa_eval"]:
+        assert len(r["conversations"]) == 2 and r["answers"][0] == r["conversations"][1]["value"]
         assert set(r) >= {"answers", "question_type", "num_objects", "image_size", "scene_id"}
 
 
@@ -140,7 +143,9 @@ def test_position_questions_only_for_one_shape_and_never_before_a_count(data):
     scenes = {s["id"]: s for s in data["scenes_train"]}
     seen_position = seen_first = 0
     for r in data["vqa_train"]:
-        questions = [t["value"].removeprefix("<image>\n") for t in r["conversations"][::2]]
+        turns = r["conversations"][::2]
+        assert all(t["value"].endswith(SUFFIX) for t in turns)  # LLaVA-1.5's short-answer prompt
+        questions = [t["value"].removeprefix("<image>\n").removesuffix(SUFFIX) for t in turns]
         has_position = any(q in position_questions for q in questions)
         assert has_position == (scenes[r["id"]]["count"] == 1), r
         if has_position:
@@ -174,7 +179,10 @@ def _words(texts) -> set[str]:
 
 def test_corpus_covers_every_emitted_word(data):
     emitted = [t["value"] for name in RECORD_FILES for r in data[name] for t in r["conversations"]]
-    emitted += [a for r in data["vqa_eval"] + data["caption_eval"] for a in r["answers"]]
+    emitted += [
+        a for name in ("vqa_eval", "caption_eval", "describe_eval") for r in data[name] for a in r["answers"]
+    ]
+    emitted += [q for qs in synth_text.HELDOUT_QUESTIONS.values() for q in qs]  # vocabulary, even if unused
     exhaustive = synth.corpus_texts(n=0)  # the enumerated part alone must already cover everything
     assert _words(emitted) <= _words(exhaustive)
     assert not any("<image>" in t for t in exhaustive)

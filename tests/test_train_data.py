@@ -107,7 +107,7 @@ def test_text_only_sample(proc):
     item = ds[0]
     assert item["pixel_values"].shape == (0, 3, 32, 32)
     assert proc.image_token_id not in item["input_ids"].tolist()
-    assert Collator(proc.tokenizer.pad_token_id)([item])["pixel_values"] is None
+    assert Collator(proc.tokenizer.pad_token_id)([item])["pixel_values"].shape == (0, 3, 32, 32)
 
 
 # -- refused samples -----------------------------------------------------------------------------------------
@@ -482,3 +482,51 @@ def test_packed_loss_equals_unpacked_loss(build, imgs, llm):
         # sanity: a plain causal mask over the packed row leaks across samples and changes the loss
         leaky = dict(packed, attention_mask=torch.ones_like(packed["input_ids"]))
         assert abs(float(model(**{k: leaky[k] for k in keys}).loss) - float(ref)) > 1e-3
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_per_source_losses_come_from_the_batch_and_average_to_the_loss(build, imgs, pack):
+    """Each sample's source travels mixed dataset -> collate (token_sources) -> the per-source token means,
+    which are each source's loss on its own and, weighted by tokens, the training loss."""
+    from vlm.train.source_loss import source_means, source_token_sums
+
+    model, proc = build("clip", "llama", "mlp")
+    vqa = SupervisedDataset(
+        [
+            rec("q1", [imgs["red"]], "<image>\nWhich colour?", "red"),
+            rec("q2", [imgs["blue"]], "<image>\nCount the shapes.", "2"),
+        ],
+        proc,
+        "chatml",
+    )
+    caps = SupervisedDataset(
+        [rec("c1", [imgs["green"]], "<image>\nCaption this image.", "a large green square at the top left.")],
+        proc,
+        "chatml",
+    )
+    mixed = mix_datasets([vqa, caps], [1.0, 1.0], seed=0, total=4)
+    items = [mixed[k] for k in range(len(mixed))]
+    assert [i["source"] for i in items] == list(mixed.sources)
+    pad = proc.tokenizer.pad_token_id
+    collate = PackingCollator(pad, 2 * max(mixed.lengths)) if pack else Collator(pad)
+    batch = collate(items)
+    assert "token_sources" not in model_inputs(batch)
+    assert set(batch["token_sources"].unique().tolist()) - {-1} == {0, 1}  # -1: padding
+    with torch.no_grad():
+        out = model(**model_inputs(batch), use_cache=False)
+        sums = source_token_sums(out.logits, batch["labels"], batch["token_sources"], 2)
+        means = source_means(sums, ["vqa", "caption"])
+        assert float(sums[0].sum() / sums[1].sum()) == pytest.approx(float(out.loss), abs=1e-5)
+        for s, name in enumerate(["vqa", "caption"]):
+            alone = Collator(pad)([i for i in items if i["source"] == s])
+            assert means[name] == pytest.approx(float(model(**model_inputs(alone)).loss), abs=1e-5)
+    assert source_means(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), ["a", "b"]) == {"a": 0.5}
+
+
+def test_source_ema_starts_at_the_first_value_and_skips_absent_sources():
+    from vlm.train.source_loss import SourceEMA
+
+    ema = SourceEMA(decay=0.5)
+    assert ema.update({"a": 4.0}) == {"a": 4.0}
+    assert ema.update({"a": 2.0, "b": 1.0}) == {"a": 3.0, "b": 1.0}
+    assert ema.update({"b": 3.0}) == {"a": 3.0, "b": 2.0}

@@ -160,3 +160,98 @@ def test_make_stage2_with_a_hostfile_builds_a_multinode_launch(tmp_path, capsys)
         "deepspeed.launcher.runner --hostfile" in launched
         and "--module vlm.train.loop stages/stage2.yaml" in launched
     )
+
+
+def test_nonpositive_mix_weight_names_the_file_and_key(tmp_path):
+    path = _write(tmp_path, BASE.replace("[d.jsonl]", "[a.jsonl, {path: b.jsonl, weight: 0}]"))
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml: data\[1\]\.weight: must be > 0, got 0.0 \(source b.jsonl\)"
+    ):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("eval: {every: 5}\n", r"eval\.tasks: eval\.every is set but no eval file"),
+        ("eval: {every: -1}\n", r"eval\.every: must be >= 0"),
+        ("eval: {limit: 0}\n", r"eval\.limit: must be >= 1"),
+        ("eval: {tasks: {vqa: v.jsonl, gqa: g.jsonl}}\n", r"eval\.tasks: unknown key 'gqa'"),
+    ],
+)
+def test_bad_eval_settings_name_the_key(tmp_path, extra, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, BASE + extra))
+
+
+def test_preflight_names_recipe_file_key_and_make_target(tmp_path):
+    from vlm.train.preflight import check_inputs
+
+    (tmp_path / "a.jsonl").write_text("")
+    ok = f"stage: 2\ntune: full\noutput_dir: o\ndata: [{tmp_path / 'a.jsonl'}]\n"
+    missing_data = ok.replace("data: [", f"data: [{tmp_path / 'gone.jsonl'}, ")
+    cases = [
+        (missing_data + "model: clip\n", r"r\.yaml: data\[0\]\.path: data file not found: .*gone\.jsonl"),
+        (
+            ok + f"model: {tmp_path}/runs/mlp/stage1/final\n",
+            r"model: checkpoint not found: .*run `make stage1` first",
+        ),
+        (ok + "model: ./checkpoints/base-qformer\n", r"model: .*base-qformer \(run `make base` first\)"),
+        (ok + f"model: {tmp_path}/runs/lm/final\n", r"run `make lm` first"),
+        (
+            ok + f"model: {tmp_path}\neval: {{every: 2, tasks: {{pope: {tmp_path}/p.jsonl}}}}\n",
+            r"eval\.tasks\.pope: eval file not found",
+        ),
+    ]
+    (tmp_path / "config.json").write_text("{}")
+    for text, message in cases:
+        path = _write(tmp_path, text)
+        with pytest.raises(RecipeError, match=message):
+            check_inputs(load_recipe(path), path)
+    # A hub-style id is left to the loader (it may be downloadable); an existing checkpoint passes.
+    check_inputs(load_recipe(_write(tmp_path, ok + "model: org/name\n")), "r.yaml")
+    check_inputs(load_recipe(_write(tmp_path, ok + f"model: {tmp_path}\n")), "r.yaml")
+
+
+def test_vlm_train_refuses_missing_inputs_before_launching(tmp_path, capsys):
+    from vlm.cli import main
+
+    path = _write(
+        tmp_path,
+        f"stage: 1\nmodel: {tmp_path}/runs/mlp/stage1/final\noutput_dir: o\ndata: [{tmp_path}/d.jsonl]\n",
+    )
+    assert main(["train", str(path)]) != 0
+    assert "data[0].path: data file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_connector_lr_reaches_the_optimizer_groups(tmp_path, tune):
+    from vlm.build import build_base_model
+    from vlm.train.freeze import param_groups
+
+    model, _ = build_base_model("clip", "llama", "mlp")
+    text = (
+        BASE.replace("stage: 1", "stage: 2")
+        + f"tune: {tune}\nlr: 1e-3\nconnector_lr: 2e-5\nlora: {{r: 8, alpha: 16}}\n"
+    )
+    model = apply_freeze_policy(model, load_recipe(_write(tmp_path, text)))
+    groups = param_groups(model, load_recipe(_write(tmp_path, text)))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr: dict[float, set[str]] = {}
+    for group in groups:
+        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
+    assert set(by_lr) == {1e-3, 2e-5}
+    assert by_lr[2e-5] and all("connector." in n for n in by_lr[2e-5])
+    assert by_lr[1e-3] and all("language_model." in n for n in by_lr[1e-3])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert by_lr[2e-5] | by_lr[1e-3] == trainable and not by_lr[2e-5] & by_lr[1e-3]
+
+
+def test_gradient_clipping_reaches_the_deepspeed_config(tmp_path):
+    from vlm.train.loop import deepspeed_config
+
+    for clip in (0.0, 0.5):
+        recipe = load_recipe(
+            _write(tmp_path, BASE + f"gradient_clipping: {clip}\ndeepspeed: stages/zero3.json\n")
+        )
+        assert deepspeed_config(recipe, 1, False)["gradient_clipping"] == clip

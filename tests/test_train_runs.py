@@ -297,3 +297,102 @@ def test_qlora_run_trains_and_merges_to_full_precision(workspace, stage1):
     assert not any("lora_" in k for k in final)
     assert final["language_model.model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
     assert len(losses(out)) == 2
+
+
+def _text_only_step_loss(base: Path, records: list[dict]) -> float:
+    """The first step's loss computed in-process, the text-only sample without any image path."""
+    from vlm.data.samples import SupervisedDataset
+    from vlm.model import VLMForConditionalGeneration
+    from vlm.processing import VLMProcessor
+
+    model = VLMForConditionalGeneration.from_pretrained(base).eval()
+    ds = SupervisedDataset(records, VLMProcessor.from_pretrained(base), "chatml")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            pixels = item["pixel_values"] if len(item["pixel_values"]) else None
+            labels = item["labels"][None]
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=item["input_ids"][None], pixel_values=pixels, labels=labels).loss
+            total, tokens = total + float(loss) * n, tokens + n
+    return total / tokens
+
+
+def test_zero3_rank_with_a_text_only_micro_batch_neither_hangs_nor_changes_the_loss(workspace, tmp_path):
+    """2 ranks, 1 sample each per step: one rank's micro-batch has an image, the other's has none."""
+    image = json.loads((workspace / "data" / "vqa_train.jsonl").read_text().splitlines()[0])
+    image["image"] = str(workspace / "data" / image["image"])
+    text = {
+        "id": "text-only",
+        "conversations": [{"from": "human", "value": "Say red."}, {"from": "gpt", "value": "red"}],
+    }
+    data = tmp_path / "mix.jsonl"
+    data.write_text(json.dumps(image) + "\n" + json.dumps(text) + "\n")
+    out = tmp_path / "run"
+    cmd = _cmd("stage2", out, workspace, f"model={workspace / 'base'}", procs=2)
+    cmd[cmd.index("--num-gpus") : cmd.index("--num-gpus")] = [
+        f"data=[{data}]",
+        "deepspeed=stages/zero3.json",
+        "micro_batch_size=1",
+        "global_batch_size=2",
+        "max_steps=2",
+        "save_every=0",
+    ]
+    # Its own session, so a hang is killed whole (launcher and both ranks) instead of stalling CI.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"ZeRO-3 with a text-only rank hung (killed after 300 s):\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    got = losses(out)
+    assert len(got) == 2
+    expected = _text_only_step_loss(workspace / "base", [image, text])
+    assert got[0] == pytest.approx(expected, rel=0, abs=1e-5)
+
+
+def _mix_and_eval(ws: Path, every: int) -> list[str]:
+    d = ws / "data"
+    return [
+        f"data=[{{path: {d / 'vqa_train.jsonl'}, weight: 0.6}}, {{path: {d / 'caption_train.jsonl'}, weight: 0.4}}]",
+        f"eval={{every: {every}, limit: 6, tasks: {{vqa: {d / 'vqa_eval.jsonl'}, caption: {d / 'caption_eval.jsonl'}, "
+        f"pope: {d / 'pope_eval.jsonl'}}}}}",
+    ]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mixed_run_logs_loss_per_source_and_evals_during_training(workspace):
+    out = workspace / "mix_eval"
+    result = train("stage2", out, workspace, f"model={workspace / 'base'}", "max_steps=5", "log_every=2",
+                   *_mix_and_eval(workspace, every=2))  # fmt: skip
+    rows = _rows(out)
+    seen = {name for r in rows for name in r["source_loss"]}
+    assert seen == {"vqa_train", "caption_train"}
+    for r in rows:  # the sources' token-weighted losses are the step loss; never more sources than exist
+        assert set(r["source_loss_ema"]) <= seen and r["source_loss"]
+    assert [r["step"] for r in rows if "eval" in r] == [2, 4, 5]  # every 2 steps, and the last
+    scores = rows[1]["eval"]
+    assert {"vqa/accuracy", "caption/cider_d", "pope/f1", "pope/yes_ratio"} <= set(scores)
+    assert all(0 <= scores[k] <= 1 for k in ("vqa/accuracy", "pope/f1"))
+    assert "source loss (EMA): vqa_train" in result.stderr + result.stdout
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["final_eval"] == rows[-1]["eval"]
+    assert (out / "loss.png").is_file() and any((out / "tb").iterdir())
+
+
+def test_eval_under_zero3_with_two_ranks_does_not_hang(workspace):
+    """Every rank runs the eval forward (synced generate) under ZeRO-3; the run finishes within the timeout."""
+    out = workspace / "mix_eval_zero3"
+    train("stage2", out, workspace, f"model={workspace / 'base'}", "max_steps=2", "deepspeed=stages/zero3.json",
+          *_mix_and_eval(workspace, every=1), procs=2)  # fmt: skip
+    rows = _rows(out)
+    assert [r["step"] for r in rows if "eval" in r] == [1, 2]
+    assert {name for r in rows for name in r["source_loss"]} == {"vqa_train", "caption_train"}

@@ -24,7 +24,7 @@ from .model import VLMForConditionalGeneration
 from .plugins import load_plugin
 from .presets import LLM_PRESETS, TOWER_PRESETS, tiny_preset_of
 from .processing import VLMProcessor
-from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, get_template
+from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, chat_template_for, get_template
 from .tokenizer import train_bpe_tokenizer
 from .towers import load_tower, tower_spec
 
@@ -108,7 +108,7 @@ def build_language_model(llm: str, seed: int = 0) -> tuple[PreTrainedModel, Any]
     if llm not in LLM_PRESETS:
         raise ValueError(f"{llm!r} is not an LLM preset ({', '.join(LLM_PRESETS)})")
     tokenizer = prepare_tokenizer(llm, seed)
-    tokenizer.chat_template = get_template(DEFAULT_CHAT_TEMPLATE).jinja
+    tokenizer.chat_template = chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer)
     config = LLM_PRESETS[llm].build_config()
     fit_text_config(config, tokenizer, pretrained=False)
     set_seed(seed)
@@ -133,13 +133,16 @@ def prepare_tokenizer(llm: str, seed: int):
 
 
 def connector_dict(connector: str | dict[str, Any], tiny: bool, options: dict[str, Any]) -> dict[str, Any]:
-    """A connector name (registry defaults, tiny overrides for tiny parts) or a parsed YAML preset, plus options."""
+    """A connector name (registry defaults, tiny overrides for tiny parts) or a parsed YAML preset, plus options.
+
+    Keys neither gives take the connector's `new_checkpoint` values (features old config.json files lack)."""
+    name = connector.get("type") if isinstance(connector, dict) else connector
+    cls = get_connector_class(name) if isinstance(name, str) else None
+    values = {"type": name, **(cls.config_class.new_checkpoint if cls else {})}
     if isinstance(connector, dict):
-        values = dict(connector)
-    else:
-        values = {"type": connector}
-        if tiny:
-            values.update(get_connector_class(connector).tiny_overrides)
+        values.update(connector)
+    elif tiny:
+        values.update(cls.tiny_overrides)
     values.update(options)
     return connector_config_from_dict(values).to_dict()
 
@@ -175,17 +178,36 @@ def build_base_model(
     if tower_model is not None:
         model.vision_tower.load_state_dict(tower_model.state_dict())
     if llm_model is not None:
-        llm_model.resize_token_embeddings(len(tokenizer))
+        # To the config's size (never below the LLM's own): Qwen2-style vocabularies are larger than the tokenizer.
+        llm_model.resize_token_embeddings(text_config.vocab_size)
         model.language_model.load_state_dict(llm_model.state_dict())
     model.generation_config = generation_config_for(tokenizer)
+    if config.connector_config.output_scale:
+        calibrate_connector(model, seed)
 
     processor = VLMProcessor(
         image_processor=image_processor_for(tower, vision_config),
         tokenizer=tokenizer,
         num_image_tokens=config.num_image_tokens,
-        chat_template=get_template(DEFAULT_CHAT_TEMPLATE).jinja,
+        chat_template=chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer),  # BOS where the tokenizer adds it
     )
     return model, processor
+
+
+def calibrate_connector(model: VLMForConditionalGeneration, seed: int, n_probe: int = 8) -> float:
+    """Start image tokens at the text embeddings' RMS: the connector's output scale is set on tower features of
+    random-noise images (the tower as loaded; normalised pixels are roughly unit-variance noise)."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    target = float(weight.detach().float().pow(2).mean().sqrt())
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(n_probe, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        features = model.get_tower_features(pixels.to(model.vision_tower.dtype))
+    scale = model.connector.calibrate_output_scale(features, target)
+    log.info("connector output scale %.4g (text embedding RMS %.4g)", scale, target)
+    return scale
 
 
 def generation_config_for(tokenizer) -> GenerationConfig:

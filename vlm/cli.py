@@ -102,6 +102,32 @@ def add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .build import describe, save_checkpoint
+    from .importer import import_checkpoint
+
+    model, processor = import_checkpoint(args.source_format, args.source)
+    out = save_checkpoint(model, processor, args.out)
+    print(json.dumps({"checkpoint": str(out), "imported_from": args.source, **describe(model)}, indent=2))
+    return 0
+
+
+def add_import_parser(sub) -> None:
+    from .importer import available_importers
+
+    p = sub.add_parser("import", help="convert another format's checkpoint (llava-hf) into a vlm checkpoint")
+    p.add_argument(
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=available_importers(),
+        help="llava-hf: a stock LlavaForConditionalGeneration checkpoint (LLaVA-1.5 layout)",
+    )
+    p.add_argument("source", metavar="SRC", help="hub id or local directory")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.set_defaults(func=cmd_import)
+
+
 def add_init_parser(sub) -> None:
     p = sub.add_parser("init", help="build a random-init base checkpoint from presets or pretrained parts")
     p.add_argument(
@@ -154,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_init_parser(sub)
     add_tokens_parser(sub)
     add_export_parser(sub)
+    add_import_parser(sub)
     add_data_parser(sub)
     add_serve_parser(sub)
     add_caption_parser(sub)

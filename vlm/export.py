@@ -28,6 +28,10 @@ def check_llava_compatible(model: VLMForConditionalGeneration) -> None:
         raise ValueError(
             f"llava-hf export needs the mlp connector with depth 2 (Llava's projector); this checkpoint has {connector}"
         )
+    if connector.get("output_scale"):
+        raise ValueError(
+            "llava-hf export: Llava's projector has no output scale; this mlp has output_scale: true"
+        )
 
 
 def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
@@ -38,7 +42,7 @@ def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
         text_config=cfg.text_config.to_dict(),
         image_token_index=cfg.image_token_index,
         image_seq_length=cfg.num_image_tokens,
-        projector_hidden_act="gelu",
+        projector_hidden_act=cfg.connector_config.hidden_act,
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         multimodal_projector_bias=bool(cfg.connector.get("bias", True)),

@@ -53,9 +53,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         model.freeze_vision_tower()  # loading swaps in fresh Parameters, which default to requires_grad=True
-        return model
+        return loaded
 
     # -- parts -------------------------------------------------------------------------------------------------
     def freeze_vision_tower(self) -> None:
@@ -116,6 +117,33 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
 
+    def _image_embeds(
+        self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        # image_features: the tower's selected features (n_images, P, Dv) from a feature cache (a frozen tower),
+        # so only the connector runs.
+        if image_features is None:
+            return self.get_image_features(pixel_values)
+        return self.connector(image_features.to(self.vision_tower.dtype))
+
+    def _zero_image_term(
+        self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """An exact 0 that depends on the tower and connector run on one blank image of the batch's kind.
+
+        Under ZeRO-3 every rank must run the same modules in each step: their parameters are gathered by
+        collectives in forward/backward hooks, so a rank whose micro-batch has no image and skips the tower and
+        connector would leave the others waiting. The sum of an empty slice is exactly 0 whatever the features
+        (unlike 0 x a NaN), and backward still passes through the connector (its gradients are zero), as
+        LLaVA's dummy image does. The collators pass an empty (0, ...) tensor for such batches.
+        """
+        empty = pixel_values if image_features is None else image_features
+        blank = torch.zeros((1, *empty.shape[1:]), dtype=empty.dtype, device=empty.device)
+        embeds = (
+            self._image_embeds(blank, None) if image_features is None else self._image_embeds(None, blank)
+        )
+        return embeds[:0].sum()
+
     def _check_no_stray_placeholders(self, input_ids: torch.Tensor, past_key_values) -> None:
         # During cached decoding a generated token may equal the placeholder id; only prefill must be clean.
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
@@ -149,15 +177,15 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass pixel_values or image_features (cached tower features), not both")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None or image_features is not None:
-                # image_features: the tower's selected features (n_images, P, Dv) from a feature cache (stage 1
-                # with a frozen tower), so only the connector runs here.
-                image_embeds = (
-                    self.get_image_features(pixel_values)
-                    if image_features is None
-                    else self.connector(image_features.to(self.vision_tower.dtype))
+            images = pixel_values if image_features is None else image_features
+            if images is not None and len(images) == 0:
+                # An image-kind input with no image (a text-only training batch): see _zero_image_term.
+                self._check_no_stray_placeholders(input_ids, past_key_values)
+                inputs_embeds = inputs_embeds + self._zero_image_term(pixel_values, image_features)
+            elif images is not None:
+                inputs_embeds = self.merge_image_embeds(
+                    input_ids, inputs_embeds, self._image_embeds(pixel_values, image_features)
                 )
-                inputs_embeds = self.merge_image_embeds(input_ids, inputs_embeds, image_embeds)
             else:
                 self._check_no_stray_placeholders(input_ids, past_key_values)
         elif pixel_values is not None or image_features is not None:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
+from transformers.processing_utils import ProcessingKwargs
 
 from .constants import IMAGE_TOKEN
+
+
+class VLMProcessorKwargs(ProcessingKwargs, total=False):
+    # Text reaching the processor is rendered by the chat template, which owns BOS (vlm/templates.py): the
+    # tokenizer must not add its own, or a Llama-family prompt would start with two.
+    _defaults = {"text_kwargs": {"add_special_tokens": False}}
 
 
 class VLMProcessor(ProcessorMixin):
@@ -13,7 +20,10 @@ class VLMProcessor(ProcessorMixin):
 
     `num_image_tokens` is the connector's visual token count (patches for linear/mlp, queries for qformer, latents
     for perceiver); it is saved in `processor_config.json` so a checkpoint describes its own prompt layout.
+    Text is tokenized with `add_special_tokens=False` unless the caller asks otherwise (see VLMProcessorKwargs).
     """
+
+    valid_processor_kwargs = VLMProcessorKwargs
 
     def __init__(
         self, image_processor=None, tokenizer=None, num_image_tokens: int = 1, chat_template=None, **kwargs

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..suggest import did_you_mean
@@ -12,9 +14,19 @@ from ..suggest import did_you_mean
 
 @dataclasses.dataclass
 class ConnectorConfig:
-    """Base of each connector's typed config; subclasses add their own fields."""
+    """Base of each connector's typed config; subclasses add their own fields.
+
+    A field's default is what a config.json written before the field existed means, so old checkpoints load
+    as they were built. `new_checkpoint` holds the values `vlm init` gives a new checkpoint instead, where a
+    preset or option does not say otherwise.
+    """
 
     type: ClassVar[str] = ""
+    new_checkpoint: ClassVar[dict[str, Any]] = {}
+
+    # A learnable scale on the output (stored as its log, so Adam's steps are relative), set at `vlm init` so
+    # image tokens start at the RMS of the LLM's text embeddings (a final norm otherwise gives ~1 vs ~0.02).
+    output_scale: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ConnectorConfig:
@@ -48,6 +60,33 @@ class Connector(nn.Module):
         self.vision_hidden_size = vision_hidden_size
         self.text_hidden_size = text_hidden_size
         self.num_patches = num_patches
+        # Shape (1,), not a 0-dim scalar: ZeRO-3 cannot partition 0-dim parameters.
+        self.log_output_scale = nn.Parameter(torch.zeros(1)) if config.output_scale else None
+
+    def reset_parameters(self):
+        """Raw parameters no nn/transformers init covers; subclasses extend it (and call it)."""
+        if self.log_output_scale is not None:
+            nn.init.zeros_(self.log_output_scale)
+
+    def scale_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The connector's output times its learned scale (when config.output_scale); every forward ends here."""
+        if self.log_output_scale is None:
+            return out
+        return out * self.log_output_scale.exp().to(out.dtype)
+
+    @torch.no_grad()
+    def calibrate_output_scale(self, features: torch.Tensor, target_rms: float) -> float:
+        """Set the output scale so the output RMS on `features` (B, P, Dv) is `target_rms`; returns the scale."""
+        if self.log_output_scale is None:
+            raise ValueError(
+                f"connector {self.config.type!r} has no output scale (config output_scale: false)"
+            )
+        self.log_output_scale.zero_()
+        rms = float(self(features).float().pow(2).mean().sqrt())
+        if not (rms > 0 and math.isfinite(rms) and target_rms > 0):
+            raise ValueError(f"cannot calibrate the output scale: output RMS {rms}, target RMS {target_rms}")
+        self.log_output_scale.fill_(math.log(target_rms / rms))
+        return target_rms / rms
 
     @classmethod
     def num_tokens(cls, config: ConnectorConfig, num_patches: int) -> int:

@@ -30,4 +30,4 @@ class LinearConnector(Connector):
         return num_patches
 
     def forward(self, features):
-        return self.proj(features)
+        return self.scale_output(self.proj(features))

@@ -13,6 +13,7 @@ per patch to the projected features before resampling; it reaches keys and value
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 from torch import nn
 from transformers.activations import ACT2FN
@@ -36,6 +37,7 @@ class PerceiverConfig(ConnectorConfig):
     # Width of the SwiGLU modality projection; None = 4 x LLM hidden (Idefics2 uses the LLM's intermediate size).
     projection_intermediate_size: int | None = None
     position_embedding: bool = True
+    new_checkpoint: ClassVar[dict[str, Any]] = {"output_scale": True}
 
     def __post_init__(self):
         for name in ("num_latents", "depth", "num_heads", "head_dim", "num_key_value_heads"):
@@ -97,6 +99,7 @@ class PerceiverConnector(Connector):
 
     def reset_parameters(self):
         """Initialise the parameters no nn/transformers init covers; the other modules init themselves."""
+        super().reset_parameters()
         # transformers' Idefics2 init sets every latent to ones: identical queries, identical outputs.
         nn.init.normal_(self.perceiver_resampler.latents, std=0.02)
         if self.position_embedding is not None:
@@ -121,4 +124,4 @@ class PerceiverConnector(Connector):
         latents = resampler.latents.unsqueeze(0).expand(context.shape[0], -1, -1)
         for layer in resampler.layers:
             latents = layer(latents, context, attention_mask=None)
-        return resampler.norm(latents)
+        return self.scale_output(resampler.norm(latents))

@@ -3,7 +3,8 @@
 Both collators take the items of `SupervisedDataset` (dicts), drop `None` and `SkippedSample` items, list the
 skipped ones as `(id, reason)` under `batch["skipped"]` (not a model input: see `model_inputs`), and
 return None when nothing is left. `pixel_values` holds the batch's images concatenated in the order their
-placeholders appear row-major (the order the model consumes them), or is None when the batch has no image.
+placeholders appear row-major (the order the model consumes them), an empty (0, 3, H, W) tensor when the batch
+has no image (see `_image_inputs`).
 
 Packing (`PackingCollator`): samples are concatenated into rows of at most max_length tokens.
 - `position_ids` restart at 0 for each sample, so RoPE sees the same positions as unpacked.
@@ -40,11 +41,12 @@ __all__ = [
 ]
 
 # Batch entries that are not model inputs: pass the rest to the model with `model_inputs(batch)`.
-BOOKKEEPING_KEYS = ("ids", "skipped", "n_samples", "seq_lengths")
+BOOKKEEPING_KEYS = ("ids", "skipped", "n_samples", "seq_lengths", "token_sources")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without its bookkeeping entries (ids, skipped, n_samples, seq_lengths), for `model(**...)`."""
+    """The batch without its bookkeeping entries (ids, skipped, n_samples, seq_lengths, token_sources), for
+    `model(**...)`."""
     return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
 
@@ -64,26 +66,22 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
-def _pixel_values(samples: Sequence[dict]) -> torch.Tensor | None:
-    # None for a batch without images: the vision tower cannot run on an empty (0, 3, H, W) batch.
-    pixel_values = torch.cat([s["pixel_values"] for s in samples], dim=0)
-    return pixel_values if len(pixel_values) else None
+def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache.
 
-
-def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor | None]:
-    """{"pixel_values": ...}, or {"image_features": ...} for samples served from a feature cache; {} for
-    text-only datasets (language pretraining, vlm/data/text.py), whose items carry neither."""
+    A batch without images keeps an empty (0, ...) tensor of its kind rather than None: the model then runs the
+    tower and connector on one blank image for a zero loss term, so every rank takes part in ZeRO-3's
+    collectives (VLMForConditionalGeneration._zero_image_term)."""
     if samples and "pixel_values" not in samples[0] and "image_features" not in samples[0]:
-        return {}
-    if samples and "image_features" in samples[0]:
-        features = torch.cat([s["image_features"] for s in samples], dim=0)
-        return {"image_features": features if len(features) else None}
-    return {"pixel_values": _pixel_values(samples)}
+        return {}  # text-only datasets (language pretraining, vlm/data/text.py): the LLM alone gets the batch
+    key = "image_features" if samples and "image_features" in samples[0] else "pixel_values"
+    return {key: torch.cat([s[key] for s in samples], dim=0)}
 
 
 class Collator:
     """Pads a list of samples into input_ids, attention_mask (B, L), labels (IGNORE_INDEX on padding),
-    pixel_values, ids (and skipped, see the module docstring)."""
+    pixel_values, ids, token_sources ((B, L) the source index of each sample's tokens, -1 on padding: for the
+    per-source loss) and skipped (see the module docstring)."""
 
     def __init__(
         self,
@@ -106,12 +104,14 @@ class Collator:
         input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((n, length), dtype=torch.long)
+        token_sources = torch.full((n, length), -1, dtype=torch.long)
         for row, s in enumerate(samples):
             k = len(s["input_ids"])
             cols = slice(0, k) if self.padding_side == "right" else slice(length - k, length)
             input_ids[row, cols] = s["input_ids"]
             labels[row, cols] = s["labels"]
             attention_mask[row, cols] = 1
+            token_sources[row, cols] = s.get("source", 0)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -120,6 +120,7 @@ class Collator:
             "ids": [s["id"] for s in samples],
             "skipped": skipped,
             "seq_lengths": [len(s["input_ids"]) for s in samples],
+            "token_sources": token_sources,
         }
 
 
@@ -160,7 +161,7 @@ class PackingCollator:
     Output: input_ids, labels, position_ids (R, L); attention_mask per `mask` ("bool": (R, 1, L, L) True =
     attend, for SDPA; "float": additive (R, 1, L, L) in `dtype`, for eager; "none": no key, for
     flash_attention_2 or transformers' own packed detection from position_ids); pixel_values; ids (in packed
-    order); skipped; n_samples.
+    order); token_sources (R, L) as in `Collator`; skipped; n_samples.
     """
 
     def __init__(
@@ -192,6 +193,7 @@ class PackingCollator:
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((n, width), dtype=torch.long)
         segments = torch.zeros((n, width), dtype=torch.long)
+        token_sources = torch.full((n, width), -1, dtype=torch.long)
         ordered: list[dict] = []
         for r, row in enumerate(rows):
             at = 0
@@ -206,6 +208,7 @@ class PackingCollator:
                 labels[r, at] = IGNORE_INDEX
                 position_ids[r, at : at + k] = torch.arange(k)
                 segments[r, at : at + k] = seg
+                token_sources[r, at : at + k] = s.get("source", 0)
                 at += k
                 ordered.append(s)
             position_ids[r, at:] = torch.arange(width - at)  # padding: one more segment of its own
@@ -219,6 +222,7 @@ class PackingCollator:
             "skipped": skipped,
             "n_samples": len(ordered),
             "seq_lengths": [len(s["input_ids"]) for s in ordered],
+            "token_sources": token_sources,
         }
         if self.mask != "none":
             allowed = block_causal_mask(segments)

@@ -11,6 +11,11 @@ negative-sampling split, one positive question ("Is there a <its object> in the 
   is empty and attribute similarity is the closest analogue (and the likeliest confusion).
 
 Each scene draws from its own RNG seeded by (seed, scene id), so records do not depend on the set's order.
+The question carries LLaVA-1.5's short-answer instruction, as its POPE eval prompt does.
+
+`training_records` builds the stage 2 yes/no source the same way from TRAINING scenes: per scene one yes and one
+no question about the same image (the pair teaches attribute binding), the negative's split cycling through
+SPLITS, the wording drawn from `synth_text.YESNO_QUESTIONS`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from .synth_text import COLOURS, SHAPES
+from .synth_text import COLOURS, SHAPES, SHORT_ANSWER, YESNO_QUESTIONS
 
 SPLITS = ("random", "popular", "adversarial")
-QUESTION = "Is there {} {} in the image?"
+QUESTION = YESNO_QUESTIONS[0]  # POPE's own wording: "Is there {} in the image?"
 ALL_OBJECTS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 
@@ -49,15 +54,23 @@ def negative(split: str, present: str, rng: random.Random, ranking: list[str]) -
     raise ValueError(f"unknown POPE split {split!r}; expected one of {SPLITS}")
 
 
+def with_article(obj: str) -> str:
+    return ("an " if obj[0] in "aeiou" else "a ") + obj
+
+
+def _conversation(template: str, obj: str, label: str) -> list[dict[str, str]]:
+    question = template.format(with_article(obj))
+    return [
+        {"from": "human", "value": f"<image>\n{question}\n{SHORT_ANSWER}"},
+        {"from": "gpt", "value": label},
+    ]
+
+
 def _record(scene: dict[str, Any], split: str, obj: str, label: str) -> dict[str, Any]:
-    question = QUESTION.format("an" if obj[0] in "aeiou" else "a", obj)
     return {
         "id": f"{scene['id']}-pope-{split}-{label}",
         "image": scene["image"],
-        "conversations": [
-            {"from": "human", "value": "<image>\n" + question},
-            {"from": "gpt", "value": label},
-        ],
+        "conversations": _conversation(QUESTION, obj, label),
         "answers": [label],
         "question_type": "pope",
         "pope_split": split,
@@ -79,4 +92,23 @@ def pope_records(scenes: Iterable[dict[str, Any]], seed: int = 0) -> list[dict[s
         for split in SPLITS:
             records.append(_record(scene, split, present, "yes"))
             records.append(_record(scene, split, negative(split, present, rng, ranking), "no"))
+    return records
+
+
+def training_records(scenes: Iterable[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Per scene a yes and a no question (in random order), negatives as POPE's splits, varied wording."""
+    scenes = list(scenes)
+    ranking = popularity(scenes)
+    records = []
+    for i, scene in enumerate(scenes):
+        rng = random.Random(f"vlm.yesno/{seed}/{scene['id']}")
+        present = scene_object(scene)
+        split = SPLITS[i % len(SPLITS)]
+        pair = [("yes", present), ("no", negative(split, present, rng, ranking))]
+        rng.shuffle(pair)
+        for label, obj in pair:
+            convs = _conversation(rng.choice(YESNO_QUESTIONS), obj, label)
+            records.append(
+                {"id": f"{scene['id']}-yesno-{label}", "image": scene["image"], "conversations": convs}
+            )
     return records

@@ -163,12 +163,33 @@ def _problems(record: Any, image_root: Path | None, cache: dict[Path, str | None
 
     if len(speakers) == len(convs):  # role order only makes sense when every role is known
         problems += _order_problems(speakers)
+    problems += _eval_field_problems(record)
 
     if image_root is not None:
         for p in images:
             problem = _image_problem(Path(image_root) / p, cache)
             if problem:
                 problems.append(problem)
+    return problems
+
+
+# Optional reference and slice fields of eval records (data/README.md); `vlm eval` reads them as these types.
+_STRING_FIELDS = ("question_type", "phrasing", "pope_split", "scene_id")
+
+
+def _eval_field_problems(record: dict[str, Any]) -> list[str]:
+    problems = []
+    answers = record.get("answers")
+    if "answers" in record and (
+        not isinstance(answers, list)
+        or not answers
+        or not all(isinstance(a, str) and a.strip() for a in answers)
+    ):
+        problems.append(f"'answers' must be a non-empty list of non-empty strings, got {answers!r:.80}")
+    for name in _STRING_FIELDS:
+        value = record.get(name)
+        if name in record and (not isinstance(value, str) or not value.strip()):
+            problems.append(f"'{name}' must be a non-empty string, got {value!r:.80}")
     return problems
 
 

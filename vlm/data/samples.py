@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..constants import IGNORE_INDEX
-from ..templates import get_template
+from ..templates import get_template, led_by_bos
 from .images import load_strict
 from .records import conversation_to_messages, record_images
 
@@ -146,7 +146,7 @@ def _encode_compact(
     """(ids with one <image> id per image, supervised mask, image paths, expanded length) or SampleError."""
     sid = _record_id(record)
     tokenizer = processor.tokenizer
-    jinja = get_template(template_name).jinja
+    jinja = led_by_bos(get_template(template_name).jinja, tokenizer)  # BOS as serving renders it
     try:
         messages = conversation_to_messages(record)
     except (KeyError, TypeError, ValueError) as e:
@@ -404,7 +404,8 @@ class SupervisedDataset(Dataset):
 
 
 class MixedDataset(Dataset):
-    """Several datasets behind one index: item k is `datasets[sources[k]][indices[k]]`."""
+    """Several datasets behind one index: item k is `datasets[sources[k]][indices[k]]`, with `source` set to
+    sources[k] (the dataset's position in the mix)."""
 
     def __init__(self, datasets: Sequence[Dataset], sources: Sequence[int], indices: Sequence[int]):
         self.datasets = list(datasets)
@@ -418,7 +419,9 @@ class MixedDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int):
-        return self.datasets[self.sources[k]][int(self.indices[k])]
+        item = self.datasets[self.sources[k]][int(self.indices[k])]
+        # The source index travels with the sample (collate -> token_sources) for the per-source loss.
+        return {**item, "source": int(self.sources[k])} if isinstance(item, dict) else item
 
     def skip_report(self) -> dict[str, int]:
         total: Counter[str] = Counter()

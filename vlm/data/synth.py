@@ -12,7 +12,7 @@ import json
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from . import pope
+from . import synth_mix as mix
+from . import synth_para as para
 from . import synth_text as text
+from .synth_records import SceneText, eval_records, scene_text, train_records
 from .synth_text import COLOURS, QUADRANTS, QUESTION_TYPES, SHAPES, SIZES
 
 __all__ = [
@@ -40,7 +43,7 @@ __all__ = [
 
 DEFAULT_IMAGE_SIZES: tuple[int, ...] = (32, 48, 64)
 MIN_IMAGE_SIZE = 16  # below this a small shape is a couple of pixels and the quadrant margins vanish
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: paraphrased captions, 5 references, the stage 2 mix, lm_train, held-out phrasings
 
 # Geometry as fractions of the image side, so a 64 px image resized to 32 px is the same picture.
 _HALF_EXTENT = {"small": 0.14, "large": 0.20}  # half the bounding box; small is still 9 px at 32 px
@@ -68,7 +71,8 @@ class Scene:
     boxes: list[list[int]]  # per copy, same order as quadrants: [x0, y0, x1, y1], inclusive pixel bounds
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its recursive deep copy was a third of `corpus_texts`' time.
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scene:
@@ -112,105 +116,6 @@ def draw_scene(scene: Scene) -> Image.Image:
     return img
 
 
-# ---- records -------------------------------------------------------------------------------------------
-
-
-def _turns(pairs: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
-    """(question, answer) pairs -> LLaVA turns; the first human turn carries the image token."""
-    turns: list[dict[str, str]] = []
-    for i, (q, a) in enumerate(pairs):
-        turns.append({"from": "human", "value": ("<image>\n" + q) if i == 0 else q})
-        turns.append({"from": "gpt", "value": a})
-    return turns
-
-
-def _question_order(rng: random.Random, scene: Scene) -> list[str]:
-    order = ["colour", "shape", "count"] + (["position"] if scene.count == 1 else [])
-    rng.shuffle(order)
-    return order
-
-
-def _dialogue(qa: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-    """The training dialogue: position is asked only of single shapes, so a position turn before the count turn
-    would give the count away; such a dialogue drops its count question. Position must still come first
-    sometimes: eval asks it first, and a tiny LLM does not carry a skill to a distance from the image it never
-    saw in training."""
-    kinds = [qt for qt, _, _ in qa]
-    if "position" in kinds and kinds.index("position") < kinds.index("count"):
-        return [t for t in qa if t[0] != "count"]
-    return qa
-
-
-@dataclass
-class SceneText:
-    """The text drawn for one scene: caption instruction and (question type, question, answer) triples."""
-
-    instruction: str
-    caption: str
-    qa: list[tuple[str, str, str]]
-
-
-def _scene_text(rng: random.Random, scene: Scene) -> SceneText:
-    instruction = rng.choice(text.CAPTION_INSTRUCTIONS)
-    cap = text.caption(scene.shape, scene.colour, scene.size, scene.quadrants)
-    qa = [
-        (qt, rng.choice(text.QUESTIONS[qt]), text.answer(qt, scene.shape, scene.colour, scene.quadrants))
-        for qt in _question_order(rng, scene)
-    ]
-    return SceneText(instruction, cap, qa)
-
-
-def iter_scenes(
-    n: int, seed: int = 0, split: str = "train", image_sizes: Sequence[int] = DEFAULT_IMAGE_SIZES
-) -> Iterator[tuple[Scene, SceneText]]:
-    """Scenes (with their drawn text) of one split, without touching the disk."""
-    for i in range(n):
-        rng = _scene_rng(seed, split, i)
-        scene_id = f"{split}-{i:06d}"
-        scene = make_scene(rng, scene_id, f"images/{split}/{scene_id}.png", image_sizes)
-        yield scene, _scene_text(rng, scene)
-
-
-def _eval_fields(scene: Scene, answer: str, question_type: str) -> dict[str, Any]:
-    return {
-        "answers": [answer],
-        "question_type": question_type,
-        "num_objects": scene.count,
-        "image_size": scene.width,
-        "scene_id": scene.id,
-    }
-
-
-def _train_records(scene: Scene, st: SceneText) -> tuple[dict, dict]:
-    cap = {"id": scene.id, "image": scene.image, "conversations": _turns([(st.instruction, st.caption)])}
-    vqa = {
-        "id": scene.id,
-        "image": scene.image,
-        "conversations": _turns((q, a) for _, q, a in _dialogue(st.qa)),
-    }
-    return cap, vqa
-
-
-def _eval_records(scene: Scene, st: SceneText) -> tuple[list[dict], list[dict]]:
-    """One question per record; the gpt turn is the reference answer."""
-    cap = {
-        "id": scene.id,
-        "image": scene.image,
-        "conversations": _turns([(st.instruction, st.caption)]),
-        **_eval_fields(scene, st.caption, "caption"),
-    }
-    vqa = [
-        {
-            "id": f"{scene.id}-{qt}",
-            "image": scene.image,
-            "conversations": _turns([(q, a)]),
-            **_eval_fields(scene, a, qt),
-        }
-        for qt, q, a in sorted(st.qa, key=lambda t: QUESTION_TYPES.index(t[0]))
-    ]
-    return [cap], vqa
-
-
 # ---- writing -------------------------------------------------------------------------------------------
 
 
@@ -237,15 +142,54 @@ def default_n_eval(n: int) -> int:
     return max(n // 10, 50)
 
 
+def iter_scenes(
+    n: int, seed: int = 0, split: str = "train", image_sizes: Sequence[int] = DEFAULT_IMAGE_SIZES
+) -> Iterator[tuple[Scene, SceneText]]:
+    """Scenes (with their drawn text) of one split, without touching the disk."""
+    for i in range(n):
+        rng = _scene_rng(seed, split, i)
+        scene_id = f"{split}-{i:06d}"
+        scene = make_scene(rng, scene_id, f"images/{split}/{scene_id}.png", image_sizes)
+        yield scene, scene_text(rng, scene)
+
+
+# Every file `generate` writes, by name (<name>.jsonl). Training: stage 1 reads caption_train, stage 2 mixes the
+# STAGE2_SOURCES by weight (stages/stage2*.yaml), `make lm` reads lm_train. Eval: held-out scenes only.
+STAGE2_SOURCES = (
+    "vqa_train",  # short-answer VQA, LLaVA-1.5's single-word-or-phrase instruction, multi-turn per image
+    "yesno_train",  # balanced yes/no existence, POPE-style negatives, from training scenes (pope.py)
+    "caption_train",  # short captions, one paraphrase per sample (also stage 1's data)
+    "describe_train",  # detailed descriptions: every object with colour, size, shape and position
+    "conversation_train",  # multi-turn talk about one image, full-sentence answers
+    "text_train",  # text-only instruction samples, no image (LLaVA mixes in ShareGPT text)
+)
 FILES = (
     "scenes_train",
     "scenes_eval",
-    "caption_train",
-    "vqa_train",
-    "caption_eval",
-    "vqa_eval",
+    *STAGE2_SOURCES,
+    "lm_train",  # text-only language-pretraining corpus (`make lm`): descriptions, dialogue, instructions
+    "caption_eval",  # 5 reference captions per image (COCO-style)
+    "describe_eval",  # 5 reference detailed descriptions per image
+    "vqa_eval",  # one question per record; `phrasing`: seen or heldout (a wording no training record uses)
     "pope_eval",  # POPE-style yes/no hallucination probe over the eval scenes (vlm/data/pope.py)
 )
+
+
+def _manifest(seed: int, image_sizes: tuple[int, ...], n: int, n_eval: int, out: dict[str, list]) -> dict:
+    return {
+        "generator": "vlm.data.synth",
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "image_sizes": list(image_sizes),
+        "n_train_images": n,
+        "n_eval_images": n_eval,
+        "image_dirs": {"train": "images/train", "eval": "images/eval"},
+        "files": {name: {"path": f"{name}.jsonl", "records": len(out[name])} for name in FILES},
+        "stage2_sources": list(STAGE2_SOURCES),
+        "answers": {qt: list(v) for qt, v in text.ANSWERS.items()},
+        "short_answer_instruction": text.SHORT_ANSWER,
+        "heldout_questions": {qt: list(v) for qt, v in text.HELDOUT_QUESTIONS.items()},
+    }
 
 
 def generate(
@@ -273,46 +217,36 @@ def generate(
     out: dict[str, list[dict]] = {name: [] for name in FILES}
     with tqdm(total=n + n_eval, desc="synth images", unit="img", disable=not progress) as bar:
         for split, count in (("train", n), ("eval", n_eval)):
+            records = train_records if split == "train" else eval_records
             for scene, st in iter_scenes(count, seed, split, image_sizes):
                 draw_scene(scene).save(root / scene.image, format="PNG")
                 out[f"scenes_{split}"].append(scene.to_dict())
-                if split == "train":
-                    cap, vqa = _train_records(scene, st)
-                    out["caption_train"].append(cap)
-                    out["vqa_train"].append(vqa)
-                else:
-                    caps, vqas = _eval_records(scene, st)
-                    out["caption_eval"] += caps
-                    out["vqa_eval"] += vqas
+                for name, recs in records(scene, st, seed).items():
+                    out[name] += recs
                 bar.update(1)
+    out["yesno_train"] = pope.training_records(out["scenes_train"], seed)
     out["pope_eval"] = pope.pope_records(out["scenes_eval"], seed)
     for name in FILES:
         _write_jsonl(paths[name], out[name])
-
-    manifest = {
-        "generator": "vlm.data.synth",
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "image_sizes": list(image_sizes),
-        "n_train_images": n,
-        "n_eval_images": n_eval,
-        "image_dirs": {"train": "images/train", "eval": "images/eval"},
-        "files": {name: {"path": f"{name}.jsonl", "records": len(out[name])} for name in FILES},
-        "answers": {qt: list(v) for qt, v in text.ANSWERS.items()},
-    }
+    manifest = _manifest(seed, image_sizes, n, n_eval, out)
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return paths
 
 
-def corpus_texts(n: int = 2000, seed: int = 0) -> list[str]:
-    """Caption, instruction, question and answer strings for tokenizer training (no "<image>" token).
+def _covering_facts() -> Iterator[para.Facts]:
+    """Scenes whose paraphrases, taken together, use every word any paraphrase can: each shape and size at each
+    count, every quadrant, every colour."""
+    subsets = [(q,) for q in QUADRANTS] + [QUADRANTS[:2], QUADRANTS[1:]]
+    for i, (shape, size, quads) in enumerate((s, z, q) for s in SHAPES for z in SIZES for q in subsets):
+        yield para.Facts(shape, list(COLOURS)[i % len(COLOURS)], size, tuple(quads))
 
-    Enumerates every template, answer and caption the generator can produce (so coverage is guaranteed,
-    not sampled), followed by the text of n training scenes for realistic word frequencies.
-    """
-    texts: list[str] = list(text.CAPTION_INSTRUCTIONS)
-    texts += [q for qs in text.QUESTIONS.values() for q in qs]
-    texts += [a for answers in text.ANSWERS.values() for a in answers]
+
+def _fixed_texts() -> list[str]:
+    texts = list(text.CAPTION_INSTRUCTIONS) + list(text.DESCRIBE_INSTRUCTIONS) + [text.SHORT_ANSWER]
+    for questions in (text.QUESTIONS, text.HELDOUT_QUESTIONS):  # held-out wordings are vocabulary too
+        texts += [q for qs in questions.values() for q in qs]
+    texts += [q.format(pope.with_article(o)) for q in text.YESNO_QUESTIONS for o in pope.ALL_OBJECTS]
+    texts += [a for answers in text.ANSWERS.values() for a in answers] + ["yes", "no"]
     for shape in SHAPES:
         for colour in COLOURS:
             for size in SIZES:
@@ -320,8 +254,26 @@ def corpus_texts(n: int = 2000, seed: int = 0) -> list[str]:
                     quads = [q for i, q in enumerate(QUADRANTS) if mask >> i & 1]
                     if len(quads) <= 3:
                         texts.append(text.caption(shape, colour, size, quads))
-    for _, st in iter_scenes(n, seed, "train", DEFAULT_IMAGE_SIZES):
-        texts += [st.instruction, st.caption]
-        for _, q, a in st.qa:
-            texts += [q, a]
-    return texts
+    for f in _covering_facts():
+        texts += list(para.variants("caption", f)) + list(para.variants("description", f))
+    return texts + mix.corpus_strings()
+
+
+def _record_texts(records: Iterable[dict]) -> Iterator[str]:
+    for r in records:
+        for turn in r["conversations"]:
+            yield turn["value"].replace("<image>\n", "")
+
+
+def corpus_texts(n: int = 2000, seed: int = 0) -> list[str]:
+    """Text for tokenizer training (no "<image>" token): every instruction, question (held-out ones included),
+    answer and caption the generator can emit, and every word of every paraphrase (so coverage is guaranteed,
+    not sampled), followed by the training text of n scenes for realistic word frequencies.
+    """
+    texts = _fixed_texts()
+    scenes = []
+    for scene, st in iter_scenes(n, seed, "train", DEFAULT_IMAGE_SIZES):
+        scenes.append(scene.to_dict())
+        for records in train_records(scene, st, seed).values():
+            texts += _record_texts(records)
+    return texts + list(_record_texts(pope.training_records(scenes, seed)))

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..constants import IMAGE_TOKEN
-from ..templates import get_template
+from ..templates import chat_template_for, get_template
 from .records import conversation_to_messages
 from .samples import OnError, SampleError
 
@@ -42,8 +42,11 @@ def encode_text_record(
             sid, "has_image", f"a turn holds {IMAGE_TOKEN}; language pretraining takes text only"
         )
     try:
-        out = tokenizer.apply_chat_template(
-            messages, chat_template=get_template(template_name).jinja, tokenize=True, return_dict=True
+        out = tokenizer.apply_chat_template(  # BOS as serving renders it (templates.led_by_bos)
+            messages,
+            chat_template=chat_template_for(template_name, tokenizer),
+            tokenize=True,
+            return_dict=True,
         )
     except Exception as e:  # jinja raise_exception, bad content types
         raise SampleError(sid, "bad_record", f"{type(e).__name__}: {e}") from e

@@ -8,6 +8,10 @@ tokenizer used and scores from the two are not to be mixed.
 
 CIDEr's IDF is computed from the references of the evaluated set itself (pycocoevalcap's default): scores
 depend on which images are in the set, and a set of one image scores 0.
+
+The human-agreement ceiling is COCO's "human" CIDEr-D: each reference is scored as a candidate against the
+other references of its image, and the per-image score is the mean over these leave-one-out rounds. With 5
+references the model is scored against 5 and a human against 4, as in COCO's own comparison.
 """
 
 from __future__ import annotations
@@ -88,3 +92,21 @@ def tokenize_pairs(
     tokens, tokenizer = tokenize(list(predictions) + [r for refs in references for r in refs], use_java)
     preds, it = tokens[: len(predictions)], iter(tokens[len(predictions) :])
     return preds, [[next(it) for _ in r] for r in references], tokenizer
+
+
+def human_cider_d(refs: list[list[str]]) -> list[float] | None:
+    """Per-image human-agreement CIDEr-D of tokenized references (None when an image has fewer than 2).
+
+    Round k scores every image's k-th reference against its others (one corpus run, so the IDF comes from the
+    held-out references of that round); an image with fewer than k + 1 references sits out round k.
+    """
+    if any(len(r) < 2 for r in refs):
+        return None
+    totals, rounds = [0.0] * len(refs), [0] * len(refs)
+    for k in range(max(len(r) for r in refs)):
+        idx = [i for i, r in enumerate(refs) if k < len(r)]
+        _, per = cider_d([refs[i][k] for i in idx], [refs[i][:k] + refs[i][k + 1 :] for i in idx])
+        for i, score in zip(idx, per, strict=True):
+            totals[i] += score
+            rounds[i] += 1
+    return [t / n for t, n in zip(totals, rounds, strict=True)]

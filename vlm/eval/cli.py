@@ -1,4 +1,4 @@
-"""`vlm eval CKPT --task vqa|caption|pope --data FILE [--task ... --data ...]`: score a checkpoint on eval records.
+"""`vlm eval CKPT --task vqa|caption|describe|pope --data FILE [--task ... --data ...]`: score a checkpoint on eval records.
 
 Several --task/--data pairs share one engine start (vLLM takes ~20 s to start on a small CPU). With several,
 --out and --html must contain "{task}". Exit status: 0, 1 when a --bars minimum is missed, 2 on bad input.
@@ -100,7 +100,9 @@ def _emit(report: dict, args: argparse.Namespace, n_tasks: int) -> bool:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: VQA accuracy, CIDEr-D/BLEU-4 captions, POPE")
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint: VQA accuracy, CIDEr-D/BLEU-4 captions and descriptions, POPE"
+    )
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument(
         "--task", action="append", required=True, choices=list(TASKS), help="repeatable, with --data"
@@ -118,7 +120,10 @@ def add_eval_parser(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=None, help="requests per engine call")
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default per task: vqa 16, caption 48, pope 8"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default per task: vqa 16, caption 48, describe 128, pope 8",
     )
     p.add_argument("--gallery", type=int, default=60, help="examples shown in the HTML report")
     p.add_argument("--dtype", default="auto")

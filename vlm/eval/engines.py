@@ -98,17 +98,43 @@ class HFEngine(_Engine):
         self.model = VLMForConditionalGeneration.from_pretrained(str(checkpoint), **kwargs).eval()
         self.processor.tokenizer.padding_side = "left"  # batched greedy decoding of a decoder-only LLM
 
-    def _generate(self, rendered, max_new_tokens):
+    def inputs(self, rendered: list[tuple[list[Image.Image], str]]):
+        """The model inputs of rendered requests: the template's text, tokenized as training tokenizes it (the
+        processor adds no special tokens of its own), each <image> expanded into its placeholders."""
+        images = [img for imgs, _ in rendered for img in imgs]
+        return self.processor(
+            text=[t for _, t in rendered], images=images or None, padding=True, return_tensors="pt"
+        ).to(self.model.device)
+
+    def _generate(self, rendered, max_new_tokens, **generate_kwargs):
         import torch
 
-        images = [img for imgs, _ in rendered for img in imgs]
-        inputs = self.processor(
-            text=[t for _, t in rendered], images=images or None, padding=True, return_tensors="pt"
-        )
+        inputs = self.inputs(rendered)
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs
+            )
         texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+
+class ModelEngine(HFEngine):
+    """HFEngine on a model already in memory (eval during training): no checkpoint is read.
+
+    synced_gpus: every rank calls generate on the same requests and keeps stepping until all are done (needed
+    when the weights are ZeRO-3 partitions: each forward is collective).
+    """
+
+    def __init__(self, model, processor, batch_size: int = 16, label: str = "in-training", synced_gpus=False):
+        import copy
+
+        self.checkpoint, self.batch_size, self.model = label, batch_size, model
+        self.processor = copy.deepcopy(processor)  # the trainer's own keeps its padding side
+        self.processor.tokenizer.padding_side = "left"
+        self.synced_gpus = synced_gpus
+
+    def _generate(self, rendered, max_new_tokens):
+        return super()._generate(rendered, max_new_tokens, synced_gpus=self.synced_gpus, use_cache=True)
 
 
 class VLLMEngine(_Engine):

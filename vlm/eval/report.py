@@ -10,7 +10,10 @@ from typing import Any
 from .tasks import TASKS, Example, Scorer, load_examples, make_scorer
 
 # Column order of the terminal table; a task shows the metrics it has.
-METRIC_ORDER = ("accuracy", "cider_d", "bleu4", "precision", "recall", "f1", "yes_ratio", "unparsed")
+METRIC_ORDER = (
+    "accuracy", "cider_d", "human_cider_d", "cider_d_ratio", "bleu4", "precision", "recall", "f1", "yes_ratio",
+    "unparsed",
+)  # fmt: skip
 
 
 def prediction_rows(examples: list[Example], scorer: Scorer) -> list[dict[str, Any]]:
@@ -59,9 +62,14 @@ def format_table(report: dict[str, Any]) -> str:
     metrics = [m for m in METRIC_ORDER if m in slices["overall"]]
     width = max(len(s) for s in slices) + 2
     title = f"{report['task']}  {report['checkpoint']}  engine={report['engine']}  n={report['n']}"
-    lines = [title, f"{'slice':<{width}}{'n':>6}" + "".join(f"{m:>11}" for m in metrics)]
+    cols = [max(11, len(m) + 2) for m in metrics]
+    lines = [
+        title,
+        f"{'slice':<{width}}{'n':>6}" + "".join(f"{m:>{w}}" for m, w in zip(metrics, cols, strict=True)),
+    ]
     for name, values in slices.items():
-        lines.append(f"{name:<{width}}{values['n']:>6}" + "".join(f"{values[m]:>11.4f}" for m in metrics))
+        cells = "".join(f"{values[m]:>{w}.4f}" for m, w in zip(metrics, cols, strict=True))
+        lines.append(f"{name:<{width}}{values['n']:>6}" + cells)
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Per-slice scores and the minimum bars `vlm eval --bars FILE` enforces.
 
-A slice is "overall" or "<field>=<value>" (question_type=colour, num_objects=2, image_size=32, pope_split=...),
-taken from the example's record fields. The bars file is YAML: either task sections
+A slice is "overall" or "<field>=<value>" (question_type=colour, phrasing=heldout, num_objects=2, image_size=32,
+pope_split=...), taken from the example's record fields. The bars file is YAML: either task sections
 
     vqa:
       overall: 0.9
@@ -10,8 +10,8 @@ taken from the example's record fields. The bars file is YAML: either task secti
       pope_split=adversarial: 0.6
 
 (a task without a section has no bars), or one flat mapping of slice -> minimum for the task being run. A bare
-number is a minimum of the task's primary metric (vqa: accuracy, caption: cider_d, pope: f1); a mapping names
-metrics. A bar on an unknown task, slice or metric is an error, not a pass: a typo must not hide a regression.
+number is a minimum of the task's primary metric (vqa: accuracy, caption and describe: cider_d, pope: f1); a
+mapping names metrics (caption: also human_cider_d, the human-agreement ceiling, and cider_d_ratio to it). A bar on an unknown task, slice or metric is an error, not a pass: a typo must not hide a regression.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 OVERALL = "overall"
-SLICE_FIELDS = ("question_type", "num_objects", "image_size", "pope_split")
+SLICE_FIELDS = ("question_type", "phrasing", "num_objects", "image_size", "pope_split")
 
 
 def slice_keys(slices: dict[str, str]) -> list[str]:

@@ -28,8 +28,10 @@ class TaskSpec:
 
 
 TASKS = {
-    "vqa": TaskSpec("vqa", "accuracy", ("question_type", "num_objects", "image_size"), 16),
+    "vqa": TaskSpec("vqa", "accuracy", ("question_type", "phrasing", "num_objects", "image_size"), 16),
     "caption": TaskSpec("caption", "cider_d", ("num_objects", "image_size"), 48),
+    # Detailed descriptions (every object with colour, size, shape, position): scored as captions, longer.
+    "describe": TaskSpec("describe", "cider_d", ("num_objects", "image_size"), 128),
     "pope": TaskSpec("pope", "f1", ("pope_split", "num_objects", "image_size"), 8),
 }
 
@@ -147,15 +149,26 @@ class CaptionScorer(Scorer):
         _, self.scores = caption_metric.cider_d(self.tok_preds, self.tok_refs)
         _, self.bleu = caption_metric.bleu4(self.tok_preds, self.tok_refs)
         self.correct = [p in r for p, r in zip(self.tok_preds, self.tok_refs, strict=True)]
+        self.human = caption_metric.human_cider_d(self.tok_refs)
         self.info["tokenizer"] = tokenizer
         self.notes += [f"tokenizer: {tokenizer}", caption_metric.IDF_NOTE]
         self.notes.append(
             "slice CIDEr-D is the mean per-image score within the slice (IDF from the whole set)"
         )
+        self.notes.append(
+            "human_cider_d: the human-agreement ceiling (each reference vs the others, as COCO's human CIDEr); "
+            "cider_d_ratio = cider_d / human_cider_d"
+            if self.human is not None
+            else "no human-agreement ceiling: some image has fewer than 2 references"
+        )
 
     def metrics(self, idx):
         bleu, _ = caption_metric.bleu4([self.tok_preds[i] for i in idx], [self.tok_refs[i] for i in idx])
-        return {"cider_d": sum(self.scores[i] for i in idx) / len(idx), "bleu4": bleu}
+        out = {"cider_d": sum(self.scores[i] for i in idx) / len(idx), "bleu4": bleu}
+        if self.human is not None:
+            out["human_cider_d"] = sum(self.human[i] for i in idx) / len(idx)
+            out["cider_d_ratio"] = out["cider_d"] / out["human_cider_d"] if out["human_cider_d"] > 0 else 0.0
+        return out
 
 
 class POPEScorer(Scorer):
@@ -174,6 +187,6 @@ class POPEScorer(Scorer):
 def make_scorer(
     task: str, examples: list[Example], predictions: list[str], use_java: bool | None = None
 ) -> Scorer:
-    if task == "caption":
+    if task in ("caption", "describe"):
         return CaptionScorer(examples, predictions, use_java)
     return {"vqa": VQAScorer, "pope": POPEScorer}[task](examples, predictions)

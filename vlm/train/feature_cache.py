@@ -299,6 +299,7 @@ class CachedFeatureDataset(Dataset):
             "image_features": torch.stack(features)
             if features
             else torch.zeros((0, *self.cache.shape), dtype=self.cache.dtype),
+            "source": int(self.dataset.sources[k]) if hasattr(self.dataset, "sources") else 0,
         }
 
     def skip_report(self) -> dict[str, int]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .preflight import check_inputs
 from .recipe import load_recipe
 
 
@@ -76,7 +77,9 @@ def _has_cuda() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    load_recipe(args.recipe, args.overrides)  # fail fast here, with one clear message, before spawning ranks
+    recipe = load_recipe(
+        args.recipe, args.overrides
+    )  # fail fast here, with one clear message, before spawning ranks
     cmd = launcher_command(
         args.recipe,
         args.overrides,
@@ -88,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
+    check_inputs(recipe, args.recipe)  # files and checkpoints; a dry run only prints the command
     return subprocess.call(cmd, env=launch_env(args.num_gpus or default_processes()))
 
 

