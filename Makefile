@@ -12,15 +12,24 @@ TORCH  ?= torch==2.13.0
 LMMS_EVAL ?= lmms-eval==0.7.3
 
 DATA        ?= data/synth
-# TOWER_CKPT=runs/stage0/final: base checkpoints (and the runs from them) use the stage 0 contrastive tower,
-# kept apart from the random-tower ones.
-TOWER_CKPT  ?=
-CKPT_DIR    ?= checkpoints$(if $(TOWER_CKPT),/stage0-tower,)
 DEMO_N      ?= 6000
 SEED        ?= 0
 CONNECTORS  ?= linear mlp qformer perceiver
-TOWER       ?= clip
-LLM         ?= llama
+# The pretrained parts, made here because no hub is reachable, as LLaVA starts from CLIP and Vicuna: make stage0's
+# contrastive tower and make lm's language-pretrained LLM. Each is a file target on its output config.json, built
+# once and reused by later runs (rm -r its run directory to retrain); STAGE0_ARGS / LM_ARGS override its recipe.
+STAGE0_CKPT ?= runs/stage0/final
+LM_CKPT     ?= runs/lm/final
+STAGE0_ARGS ?=
+LM_ARGS     ?=
+# The base checkpoints' parts: the pretrained ones above (default); a preset (TOWER=clip|siglip, LLM=llama|qwen2:
+# random init); or a hub id / local path to a real pretrained part, for which the pretraining step is skipped.
+TOWER       ?= $(STAGE0_CKPT)
+LLM         ?= $(LM_CKPT)
+# Other parts than the default get their own base checkpoints and runs (e.g. checkpoints/clip+llama/).
+PARTS       := $(if $(and $(filter $(STAGE0_CKPT),$(TOWER)),$(filter $(LM_CKPT),$(LLM))),,/$(subst /,_,$(TOWER))+$(subst /,_,$(LLM)))
+PRETRAINED  := $(if $(filter $(STAGE0_CKPT),$(TOWER)),$(STAGE0_CKPT)/config.json) $(if $(filter $(LM_CKPT),$(LLM)),$(LM_CKPT)/config.json)
+CKPT_DIR    ?= checkpoints$(PARTS)
 # Training: which base checkpoint (connector) to train, the stage 2 recipe, extra recipe overrides (ARGS="lr=2e-5"),
 # processes per node (NUM_GPUS; CPU ranks without a GPU) and a DeepSpeed hostfile for multi-node runs.
 CONNECTOR   ?= mlp
@@ -28,7 +37,7 @@ STAGE2      ?= stage2
 # MODEL=DIR: stage 2 starts from this checkpoint (e.g. one from `vlm import --from llava-hf`) instead of stage 1's
 # output, and writes to $(RUNS)/<DIR's name>/$(STAGE2).
 MODEL       ?=
-RUNS        ?= runs$(if $(TOWER_CKPT),/stage0-tower,)
+RUNS        ?= runs$(PARTS)
 ARGS        ?=
 NUM_GPUS    ?=
 HOSTFILE    ?=
@@ -52,13 +61,14 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
 
 help:
-	@echo "make demo    synthetic data + tiny base checkpoints (all connectors) + token budget + stage 1/2 + eval"
+	@echo "make demo    data, stage 0 tower, lm, base checkpoints (all connectors), stage 1/2, eval: pass/fail + timings"
 	@echo "make test    the whole test suite (CPU, ~20 min; what CI runs)"
 	@echo "make test-fast  the unmarked tier: no slow/vllm/deepspeed/gpu tests (< 3 min)"
-	@echo "make stage0  contrastive image+text towers on captions (stages/stage0.yaml -> runs/stage0/final)"
+	@echo "make stage0  contrastive image+text towers on captions (stages/stage0.yaml -> runs/stage0/final, cached)"
+	@echo "make lm      language pretraining of the tiny LLM on text (stages/lm.yaml -> runs/lm/final, cached)"
 	@echo "make stage1  train the connector on captions (CONNECTOR=mlp|linear|qformer|perceiver, RESUME=1)"
 	@echo "make stage2  instruction-tune from stage 1 or MODEL=DIR (STAGE2=stage2|stage2_lora|stage2_qlora, HOSTFILE=...)"
 	@echo "make eval    vqa + caption + pope on the held-out split for EVAL_CKPT -> EVAL_DIR/*.json, *.html"
@@ -93,12 +103,23 @@ $(DATA)/manifest.json: | $(STAMP)
 
 base: $(foreach c,$(CONNECTORS),$(CKPT_DIR)/base-$(c)/config.json)
 
-$(CKPT_DIR)/base-%/config.json: | $(STAMP)
-	@$(if $(TOWER_CKPT),test -f $(TOWER_CKPT)/config.json || { echo "TOWER_CKPT=$(TOWER_CKPT) has no config.json: run make stage0 first"; exit 1; })
-	$(BIN)/vlm init --tower $(or $(TOWER_CKPT),$(TOWER)) --llm $(LLM) --connector $* --seed $(SEED) --out $(CKPT_DIR)/base-$*
+# A base checkpoint is rebuilt when a pretrained part it comes from is newer.
+$(CKPT_DIR)/base-%/config.json: $(PRETRAINED) | $(STAMP)
+	$(BIN)/vlm init --tower $(TOWER) --llm $(LLM) --connector $* --seed $(SEED) --out $(CKPT_DIR)/base-$*
 
-stage0: data
-	$(BIN)/vlm train stages/stage0.yaml $(ARGS) $(LAUNCH)
+# Pretraining: skipped when TOWER / LLM name another part (a preset, or a real pretrained one).
+stage0: $(if $(filter $(STAGE0_CKPT),$(TOWER)),$(STAGE0_CKPT)/config.json)
+	@$(if $(filter $(STAGE0_CKPT),$(TOWER)),,echo "TOWER=$(TOWER) is not the stage 0 tower: make stage0 is skipped")
+
+lm: $(if $(filter $(LM_CKPT),$(LLM)),$(LM_CKPT)/config.json)
+	@$(if $(filter $(LM_CKPT),$(LLM)),,echo "LLM=$(LLM) is not make lm's LLM: language pretraining is skipped")
+
+$(STAGE0_CKPT)/config.json: $(DATA)/manifest.json | $(STAMP)
+	$(BIN)/vlm train stages/stage0.yaml output_dir=$(STAGE0_CKPT:%/final=%) data=[$(DATA)/caption_train.jsonl] $(STAGE0_ARGS) $(LAUNCH)
+
+$(LM_CKPT)/config.json: $(DATA)/manifest.json | $(STAMP)
+	@test -f $(DATA)/lm_train.jsonl || { echo "$(DATA) has no lm_train.jsonl (vlm data synth writes it since issue 16): rm -r $(DATA), then make lm"; exit 1; }
+	$(BIN)/vlm train stages/lm.yaml output_dir=$(LM_CKPT:%/final=%) data=[$(DATA)/lm_train.jsonl] $(LM_ARGS) $(LAUNCH)
 
 stage1: data $(CKPT_DIR)/base-$(CONNECTOR)/config.json
 	$(BIN)/vlm train stages/stage1.yaml model=$(CKPT_DIR)/base-$(CONNECTOR) output_dir=$(RUNS)/$(CONNECTOR)/stage1 $(ARGS) $(LAUNCH)
@@ -110,13 +131,41 @@ stage2: data
 	@test -f $(STAGE2_FROM)/config.json || { echo "no checkpoint in $(STAGE2_FROM): run make stage1 first (or set MODEL=DIR)"; exit 1; }
 	$(BIN)/vlm train stages/$(STAGE2).yaml model=$(STAGE2_FROM) output_dir=$(STAGE2_OUT) $(ARGS) $(LAUNCH)
 
-demo: data base
-	$(BIN)/vlm tokens --tower $(TOWER) --llm $(LLM)
-	$(BIN)/vlm tokens --tower clip-vit-l-14-336 --llm llama-7b
-	@# Train CONNECTOR once (a rerun reuses the checkpoints), then end on the evaluation table.
-	@test -f $(RUNS)/$(CONNECTOR)/stage1/final/config.json || $(MAKE) --no-print-directory stage1
-	@test -f $(RUNS)/$(CONNECTOR)/$(STAGE2)/final/config.json || $(MAKE) --no-print-directory stage2
-	@$(MAKE) --no-print-directory eval
+# The demo's stage 1 and 2 runs are file targets too: reused by a rerun, retrained when their input is newer.
+$(RUNS)/%/stage1/final/config.json: $(CKPT_DIR)/base-%/config.json $(DATA)/manifest.json
+	$(BIN)/vlm train stages/stage1.yaml model=$(CKPT_DIR)/base-$* output_dir=$(RUNS)/$*/stage1 $(ARGS) $(LAUNCH)
+
+$(RUNS)/%/$(STAGE2)/final/config.json: $(RUNS)/%/stage1/final/config.json
+	$(BIN)/vlm train stages/$(STAGE2).yaml model=$(RUNS)/$*/stage1/final output_dir=$(RUNS)/$*/$(STAGE2) $(ARGS) $(LAUNCH)
+
+# make demo: every step timed into DEMO_TIMES, then the evaluation against DEMO_BARS. It ends on the evaluation
+# tables, the timing table, the HTML gallery and PASS/FAIL, and exits non-zero when a bar is missed. A rerun
+# reuses every built step (those then take about a second).
+DEMO_BARS  ?= stages/eval_bars.yaml
+DEMO_TIMES  = $(RUNS)/demo_times.tsv
+SUBMAKE     = $(MAKE) --no-print-directory
+# $(call timed,STEP,COMMAND): run COMMAND, append "STEP<tab>seconds<tab>exit status" to DEMO_TIMES, leave the
+# status in $$rc. COMMAND must not contain a comma.
+timed = t0=$$(date +%s); $(2); rc=$$?; printf '%s\t%s\t%s\n' $(1) $$(($$(date +%s) - t0)) $$rc >> $(DEMO_TIMES)
+TIMES_TABLE = awk -F'\t' 'BEGIN {print "make demo, wall time per step:"} \
+	  {printf "  %-10s %6d s%s\n", $$1, $$2, ($$3 ? "  (failed)" : ""); t += $$2} \
+	  END {printf "  %-10s %6d s  (%d min)\n", "total", t, (t + 30) / 60}' $(DEMO_TIMES)
+TOKENS_TOWER = $(if $(filter siglip,$(TOWER)),siglip,clip)
+
+demo:
+	@mkdir -p $(RUNS) && rm -f $(DEMO_TIMES)
+	@$(call timed,bootstrap,$(SUBMAKE) bootstrap); exit $$rc
+	@$(call timed,data,$(SUBMAKE) data); exit $$rc
+	@$(call timed,stage0,$(SUBMAKE) stage0); exit $$rc
+	@$(call timed,lm,$(SUBMAKE) lm); exit $$rc
+	@$(call timed,base,$(SUBMAKE) base && $(BIN)/vlm tokens --tower $(TOKENS_TOWER) --llm llama \
+	  && $(BIN)/vlm tokens --tower clip-vit-l-14-336 --llm llama-7b); exit $$rc
+	@$(call timed,stage1,$(SUBMAKE) $(RUNS)/$(CONNECTOR)/stage1/final/config.json); exit $$rc
+	@$(call timed,stage2,$(SUBMAKE) $(RUNS)/$(CONNECTOR)/$(STAGE2)/final/config.json); exit $$rc
+	@$(call timed,eval,$(SUBMAKE) eval EVAL_BARS=$(DEMO_BARS)); echo; $(TIMES_TABLE); \
+	  echo "HTML gallery: $(EVAL_DIR)/vqa.html $(EVAL_DIR)/caption.html $(EVAL_DIR)/pope.html"; \
+	  if [ $$rc = 0 ]; then echo "PASS: every bar in $(DEMO_BARS) is met"; \
+	  else echo "FAIL: a bar in $(DEMO_BARS) is missed (listed above), or eval failed (exit $$rc)"; fi; exit $$rc
 
 # Data sets generated before the POPE probe existed get it from their scene files.
 $(DATA)/pope_eval.jsonl: | $(DATA)/manifest.json

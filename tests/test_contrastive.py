@@ -347,7 +347,7 @@ def test_stage0_recipe_validation():
 
     recipe = load_recipe(ROOT / "stages/stage0.yaml")
     assert recipe.stage == 0 and recipe.objective == "contrastive" and recipe.contrastive.loss == "infonce"
-    with pytest.raises(RecipeError, match="stage 0 is the contrastive stage"):
+    with pytest.raises(RecipeError, match="stage 0 pretrains a part"):
         load_recipe(ROOT / "stages/stage0.yaml", ["objective=lm"])
     with pytest.raises(RecipeError, match="contrastive.loss"):
         load_recipe(ROOT / "stages/stage0.yaml", ["contrastive.loss=triplet"])

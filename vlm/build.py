@@ -22,7 +22,7 @@ from .config import VLMConfig
 from .connectors import connector_config_from_dict, get_connector_class
 from .model import VLMForConditionalGeneration
 from .plugins import load_plugin
-from .presets import LLM_PRESETS, TOWER_PRESETS
+from .presets import LLM_PRESETS, TOWER_PRESETS, tiny_preset_of
 from .processing import VLMProcessor
 from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, chat_template_for, get_template
 from .tokenizer import train_bpe_tokenizer
@@ -48,14 +48,32 @@ def resolve_vision(tower: str, **overrides) -> tuple[PretrainedConfig, PreTraine
     """(vision config, pretrained tower or None for a preset, source id recorded in config.json)."""
     if tower in TOWER_PRESETS:
         return TOWER_PRESETS[tower].build_config(**overrides), None, None
-    model = load_tower(tower)
+    try:
+        model = load_tower(tower)
+    except OSError as err:
+        if Path(tower).exists():
+            raise
+        raise FileNotFoundError(
+            f"tower {tower!r} is not a preset ({', '.join(TOWER_PRESETS)}), a local model directory, or a "
+            f"reachable hub id; the contrastive tiny tower (runs/stage0/final) comes from `make stage0`: run make "
+            f"stage0 first"
+        ) from err
     return model.config, model, str(tower)
 
 
 def resolve_llm(llm: str) -> tuple[PretrainedConfig, PreTrainedModel | None, str | None]:
+    """A preset's config, or a pretrained causal LM: a hub id or a local directory (make lm's runs/lm/final)."""
     if llm in LLM_PRESETS:
         return LLM_PRESETS[llm].build_config(), None, None
-    model = AutoModelForCausalLM.from_pretrained(str(llm))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(llm))
+    except OSError as err:
+        if Path(llm).exists():
+            raise
+        raise FileNotFoundError(
+            f"LLM {llm!r} is not a preset ({', '.join(LLM_PRESETS)}), a local model directory, or a reachable hub "
+            f"id; the language-pretrained tiny LLM (runs/lm/final) comes from `make lm`: run make lm first"
+        ) from err
     return model.config, model, str(llm)
 
 
@@ -74,6 +92,29 @@ def image_processor_for(tower: str, vision_config: PretrainedConfig):
 @functools.lru_cache(maxsize=4)
 def _tiny_tokenizer(seed: int):
     return train_bpe_tokenizer(tokenizer_corpus(seed), vocab_size=TINY_VOCAB_SIZE)
+
+
+def fit_text_config(text_config: PretrainedConfig, tokenizer, pretrained: bool) -> None:
+    """The LLM config's vocabulary and special ids from the tokenizer (a pretrained LLM keeps a larger vocab)."""
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer)) if pretrained else len(tokenizer)
+    for name in ("bos", "eos", "pad"):
+        setattr(text_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+
+
+def build_language_model(llm: str, seed: int = 0) -> tuple[PreTrainedModel, Any]:
+    """(random-init causal LM, tokenizer) from an LLM preset: what `make lm` pretrains. The tokenizer is the one
+    `vlm init` trains for the preset and carries the default chat template, so every base checkpoint built
+    from the pretrained LLM (`vlm init --llm runs/lm/final`) uses that same tokenizer."""
+    if llm not in LLM_PRESETS:
+        raise ValueError(f"{llm!r} is not an LLM preset ({', '.join(LLM_PRESETS)})")
+    tokenizer = prepare_tokenizer(llm, seed)
+    tokenizer.chat_template = chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer)
+    config = LLM_PRESETS[llm].build_config()
+    fit_text_config(config, tokenizer, pretrained=False)
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = generation_config_for(tokenizer)
+    return model, tokenizer
 
 
 def prepare_tokenizer(llm: str, seed: int):
@@ -119,10 +160,8 @@ def build_base_model(
     vision_config, tower_model, tower_source = resolve_vision(tower)
     text_config, llm_model, llm_source = resolve_llm(llm)
     tokenizer = prepare_tokenizer(llm, seed)
-    tiny = tower in TOWER_PRESETS and llm in LLM_PRESETS
-    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer)) if llm_model else len(tokenizer)
-    for name in ("bos", "eos", "pad"):
-        setattr(text_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    tiny = bool(tiny_preset_of(vision_config, TOWER_PRESETS) and tiny_preset_of(text_config, LLM_PRESETS))
+    fit_text_config(text_config, tokenizer, pretrained=llm_model is not None)
 
     config = VLMConfig(
         vision_config=vision_config,

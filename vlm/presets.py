@@ -115,3 +115,16 @@ LLM_PRESETS: dict[str, Preset] = {
         note="Qwen2-7B shape",
     ),
 }
+
+
+def tiny_preset_of(config: PretrainedConfig, presets: dict[str, Preset]) -> str | None:
+    """The tiny preset whose shape `config` has, or None: a part pretrained here from a tiny preset (make stage0's
+    tower, make lm's LLM) is tiny too, so connectors get their tiny overrides on it as on the preset itself."""
+    for name, preset in presets.items():
+        if (
+            preset.tiny
+            and config.model_type == preset.model_type
+            and all(getattr(config, k, None) == v for k, v in preset.params.items())
+        ):
+            return name
+    return None

@@ -72,6 +72,8 @@ def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     A batch without images keeps an empty (0, ...) tensor of its kind rather than None: the model then runs the
     tower and connector on one blank image for a zero loss term, so every rank takes part in ZeRO-3's
     collectives (VLMForConditionalGeneration._zero_image_term)."""
+    if samples and "pixel_values" not in samples[0] and "image_features" not in samples[0]:
+        return {}  # text-only datasets (language pretraining, vlm/data/text.py): the LLM alone gets the batch
     key = "image_features" if samples and "image_features" in samples[0] else "pixel_values"
     return {key: torch.cat([s[key] for s in samples], dim=0)}
 

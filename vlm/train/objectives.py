@@ -1,6 +1,7 @@
 """The objectives registry: which trainer runs a recipe's `objective`.
 
-The language-model objective ("lm", `vlm.train.loop.Trainer`) is built in. Other objectives plug in
+The language-model objective ("lm", `vlm.train.loop.Trainer`) is built in, and so is language pretraining
+("text", `vlm.train.text_lm.TextTrainer`: the LLM alone on text-only records, `make lm`). Other objectives plug in
 through the `vlm.objectives` entry-point group, `name = "module:TrainerClass"` in a package's pyproject.toml, the
 way vLLM finds model plugins: stage 0's contrastive towers (vlm/contrastive) do, and so would DPO or distillation.
 The loop looks a name up here and never imports the modules that implement other objectives.
@@ -15,7 +16,9 @@ from ..suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "vlm.objectives"
 # name -> trainer class, or "module:Class" imported on first use (so naming one imports no trainer code)
-_REGISTERED: dict[str, type | str] = {"lm": "vlm.train.loop:Trainer"}
+_REGISTERED: dict[str, type | str] = {"lm": "vlm.train.loop:Trainer", "text": "vlm.train.text_lm:TextTrainer"}
+# Stage 0 objectives: each pretrains one part on its own (contrastive: the towers; text: the LLM alone).
+PRETRAINING_OBJECTIVES = ("contrastive", "text")
 
 
 def register_objective(name: str, trainer_class: type | str) -> None:

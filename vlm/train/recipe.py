@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from ..suggest import did_you_mean
-from .objectives import available_objectives
+from .objectives import PRETRAINING_OBJECTIVES, available_objectives
 
 
 class RecipeError(ValueError):
@@ -106,7 +106,8 @@ class EvalSettings:
 class Recipe:
     stage: Literal[0, 1, 2]
     # checkpoint to start from: a `vlm init` base, or stage 1's output for stage 2; stage 0: a tower family
-    # (clip, siglip: tiny random-init dual encoder) or a stage 0 checkpoint
+    # (clip, siglip: tiny random-init dual encoder) or a stage 0 checkpoint; objective text: an LLM preset
+    # (llama, qwen2: random init with its tiny tokenizer) or a causal-LM directory to continue
     model: str
     output_dir: str
     data: list[DataSource]
@@ -116,7 +117,8 @@ class Recipe:
     tune: Literal["connector", "full", "lora"] = "connector"  # what learns besides the (always frozen) tower
     init_connector_from: str | None = None  # a stage 1 checkpoint whose connector replaces the model's
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
-    objective: str = "lm"  # a name in vlm/train/objectives.py; contrastive: stage 0, max_length = text length
+    # a name in vlm/train/objectives.py; stage 0: contrastive (max_length = text length) or text (the LLM alone)
+    objective: str = "lm"
     contrastive: ContrastiveSettings = dataclasses.field(default_factory=ContrastiveSettings)
     deepspeed: str = "stages/zero2.json"
     # optimisation
@@ -188,13 +190,13 @@ class Recipe:
                 f"objective: unknown {self.objective!r}{did_you_mean(self.objective, known)}; known: "
                 f"{', '.join(known)}"
             )
-        if (self.stage == 0) != (self.objective == "contrastive"):
+        if (self.stage == 0) != (self.objective in PRETRAINING_OBJECTIVES):
             raise RecipeError(
-                f"stage 0 is the contrastive stage and only it: got stage {self.stage} with objective "
-                f"{self.objective!r}"
+                f"stage 0 pretrains a part (objective {' or '.join(PRETRAINING_OBJECTIVES)}) and only it: got "
+                f"stage {self.stage} with objective {self.objective!r}"
             )
         if self.stage == 0 and self.tune != "full":
-            raise RecipeError(f"stage 0 trains both towers in full; tune must be 'full', got {self.tune!r}")
+            raise RecipeError(f"stage 0 trains its part in full; tune must be 'full', got {self.tune!r}")
         if self.stage == 0 and self.feature_cache is not None:
             raise RecipeError("feature_cache needs a frozen tower; stage 0 trains it: set feature_cache=null")
         if self.eval.every and self.objective != "lm":

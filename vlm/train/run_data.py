@@ -37,7 +37,10 @@ class TrainData(EpochBatches):
                 len(self.dataset), per_step, recipe.seed, world_size, rank
             )
         self.batches_per_epoch = self.sampler.epoch_length // self.micro
-        self.collate = self._collator(recipe, processor.tokenizer.pad_token_id, attn_implementation)
+        pad_id = getattr(
+            processor, "tokenizer", processor
+        ).pad_token_id  # a processor, or a tokenizer (text data)
+        self.collate = self._collator(recipe, pad_id, attn_implementation)
 
     @staticmethod
     def _dataset(recipe: Recipe, processor):
