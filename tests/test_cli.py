@@ -35,7 +35,7 @@ def test_init_takes_a_yaml_preset_and_options(tmp_path):
         == 0
     )
     connector = json.loads((out / "config.json").read_text())["connector"]
-    assert connector == {"type": "mlp", "depth": 3, "bias": True}
+    assert connector == {"type": "mlp", "depth": 3, "bias": True, "hidden_act": "gelu", "output_scale": False}
 
 
 def test_init_rejects_bad_connector_options(tmp_path, capsys):
