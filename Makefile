@@ -163,7 +163,7 @@ demo:
 	@$(call timed,stage1,$(SUBMAKE) $(RUNS)/$(CONNECTOR)/stage1/final/config.json); exit $$rc
 	@$(call timed,stage2,$(SUBMAKE) $(RUNS)/$(CONNECTOR)/$(STAGE2)/final/config.json); exit $$rc
 	@$(call timed,eval,$(SUBMAKE) eval EVAL_BARS=$(DEMO_BARS)); echo; $(TIMES_TABLE); \
-	  echo "HTML gallery: $(EVAL_DIR)/vqa.html $(EVAL_DIR)/caption.html $(EVAL_DIR)/pope.html"; \
+	  echo "HTML gallery: $(EVAL_DIR)/vqa.html $(EVAL_DIR)/caption.html $(EVAL_DIR)/describe.html $(EVAL_DIR)/pope.html"; \
 	  if [ $$rc = 0 ]; then echo "PASS: every bar in $(DEMO_BARS) is met"; \
 	  else echo "FAIL: a bar in $(DEMO_BARS) is missed (listed above), or eval failed (exit $$rc)"; fi; exit $$rc
 
@@ -175,6 +175,7 @@ eval: data $(DATA)/pope_eval.jsonl
 	@test -f $(EVAL_CKPT)/config.json || { echo "no checkpoint in $(EVAL_CKPT): run make stage1 stage2 (or set EVAL_CKPT)"; exit 1; }
 	$(BIN)/vlm eval $(EVAL_CKPT) --engine $(EVAL_ENGINE) \
 	  --task vqa --data $(DATA)/vqa_eval.jsonl --task caption --data $(DATA)/caption_eval.jsonl \
+	  --task describe --data $(DATA)/describe_eval.jsonl \
 	  --task pope --data $(DATA)/pope_eval.jsonl --out '$(EVAL_DIR)/{task}.json' --html '$(EVAL_DIR)/{task}.html' \
 	  $(if $(EVAL_BARS),--bars $(EVAL_BARS),) $(EVAL_ARGS)
 

@@ -46,3 +46,35 @@ def test_unknown_slices_metrics_and_values_are_errors():
         check_bars(METRICS, {"overall": {"f1": 0.5}}, "accuracy")
     with pytest.raises(ValueError, match="expected a number"):
         check_bars(METRICS, {"overall": "high"}, "accuracy")
+
+
+POPE = {"overall": {"f1": 0.95, "unparsed": 0.02, "yes_ratio": 0.65}}
+
+
+def test_bounds_check_maxima_and_ranges():
+    bars = {"overall": {"f1": 0.9, "unparsed": {"max": 0.01}, "yes_ratio": {"min": 0.4, "max": 0.6}}}
+    assert check_bars(POPE, bars, "f1") == [
+        "overall: unparsed 0.0200 > 0.01",
+        "overall: yes_ratio 0.6500 > 0.6",
+    ]
+    assert check_bars(POPE, {"overall": {"yes_ratio": {"min": 0.4, "max": 0.65}}}, "f1") == []
+
+
+def test_drop_bars_compare_two_slices():
+    metrics = {"phrasing=seen": {"accuracy": 0.95}, "phrasing=heldout": {"accuracy": 0.80}}
+    bar = {"phrasing=heldout": {"accuracy": {"within": 0.1, "of": "phrasing=seen"}}}
+    assert check_bars(metrics, bar, "accuracy") == [
+        "phrasing=heldout: accuracy 0.8000 is 0.1500 below phrasing=seen (allowed 0.1)"
+    ]
+    metrics["phrasing=heldout"]["accuracy"] = 0.86
+    assert check_bars(metrics, bar, "accuracy") == []
+    with pytest.raises(ValueError, match="unknown slice 'phrasing=novel'"):
+        check_bars(
+            metrics, {"phrasing=heldout": {"accuracy": {"within": 0.1, "of": "phrasing=novel"}}}, "accuracy"
+        )
+
+
+def test_malformed_bounds_are_errors():
+    for bound in ({"within": 0.1}, {"maximum": 1}, {}, {"max": "low"}):
+        with pytest.raises(ValueError, match="overall.f1"):
+            check_bars(POPE, {"overall": {"f1": bound}}, "f1")

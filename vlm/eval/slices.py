@@ -11,7 +11,15 @@ pope_split=...), taken from the example's record fields. The bars file is YAML: 
 
 (a task without a section has no bars), or one flat mapping of slice -> minimum for the task being run. A bare
 number is a minimum of the task's primary metric (vqa: accuracy, caption and describe: cider_d, pope: f1); a
-mapping names metrics (caption: also human_cider_d, the human-agreement ceiling, and cider_d_ratio to it). A bar on an unknown task, slice or metric is an error, not a pass: a typo must not hide a regression.
+mapping names metrics (caption: also human_cider_d, the human-agreement ceiling, and cider_d_ratio to it), each
+with a number (a minimum) or bounds:
+
+    pope:
+      overall: {f1: 0.9, unparsed: {max: 0.01}, yes_ratio: {min: 0.4, max: 0.6}}
+    vqa:
+      phrasing=heldout: {accuracy: {within: 0.1, of: phrasing=seen}}  # at most 0.1 below the seen phrasings
+
+A bar on an unknown task, slice or metric is an error, not a pass: a typo must not hide a regression.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 import yaml
 
 OVERALL = "overall"
+BOUND_KEYS = ("min", "max", "within", "of")
 SLICE_FIELDS = ("question_type", "phrasing", "num_objects", "image_size", "pope_split")
 
 
@@ -66,14 +75,50 @@ def load_bars(path: str | Path, task: str, tasks: Sequence[str]) -> dict[str, An
     return data
 
 
-def _as_minimums(slice_name: str, bar: Any, primary: str) -> dict[str, float]:
+def _check_number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"bar {where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _as_bounds(slice_name: str, bar: Any, primary: str) -> dict[str, dict[str, Any]]:
+    """metric -> {"min", "max", "within", "of"} (the keys given). A number is a minimum."""
     bar = bar if isinstance(bar, dict) else {primary: bar}
     out = {}
-    for metric, minimum in bar.items():
-        if isinstance(minimum, bool) or not isinstance(minimum, (int, float)):
-            raise ValueError(f"bar {slice_name}.{metric}: expected a number, got {minimum!r}")
-        out[str(metric)] = float(minimum)
+    for metric, bound in bar.items():
+        where = f"{slice_name}.{metric}"
+        if not isinstance(bound, dict):
+            out[str(metric)] = {"min": _check_number(where, bound)}
+            continue
+        unknown = set(bound) - set(BOUND_KEYS)
+        if unknown or not bound or ("within" in bound) != ("of" in bound):
+            raise ValueError(
+                f"bar {where}: expected a number or a mapping of min / max / (within and of), got {bound!r}"
+            )
+        out[str(metric)] = {
+            k: (str(v) if k == "of" else _check_number(f"{where}.{k}", v)) for k, v in bound.items()
+        }
     return out
+
+
+def _misses(
+    slice_metrics: dict[str, dict[str, float]], slice_name: str, metric: str, bound: dict
+) -> list[str]:
+    value = slice_metrics[slice_name][metric]
+    misses = []
+    if "min" in bound and value < bound["min"]:
+        misses.append(f"{slice_name}: {metric} {value:.4f} < {bound['min']:g}")
+    if "max" in bound and value > bound["max"]:
+        misses.append(f"{slice_name}: {metric} {value:.4f} > {bound['max']:g}")
+    if "of" in bound:
+        if bound["of"] not in slice_metrics:
+            raise ValueError(f"bar {slice_name}.{metric}.of: unknown slice {bound['of']!r}")
+        drop = slice_metrics[bound["of"]][metric] - value
+        if drop > bound["within"]:
+            misses.append(
+                f"{slice_name}: {metric} {value:.4f} is {drop:.4f} below {bound['of']} (allowed {bound['within']:g})"
+            )
+    return misses
 
 
 def check_bars(slice_metrics: dict[str, dict[str, float]], bars: dict[str, Any], primary: str) -> list[str]:
@@ -84,9 +129,8 @@ def check_bars(slice_metrics: dict[str, dict[str, float]], bars: dict[str, Any],
         if slice_name not in slice_metrics:
             raise ValueError(f"bar on unknown slice {slice_name!r}; this run has: {', '.join(slice_metrics)}")
         metrics = slice_metrics[slice_name]
-        for metric, minimum in _as_minimums(slice_name, bar, primary).items():
+        for metric, bound in _as_bounds(slice_name, bar, primary).items():
             if metric not in metrics:
                 raise ValueError(f"bar on unknown metric {slice_name}.{metric}; it has: {', '.join(metrics)}")
-            if metrics[metric] < minimum:
-                failures.append(f"{slice_name}: {metric} {metrics[metric]:.4f} < {minimum:g}")
+            failures += _misses(slice_metrics, slice_name, metric, bound)
     return failures
