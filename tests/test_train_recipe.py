@@ -184,8 +184,10 @@ def test_bad_eval_settings_name_the_key(tmp_path, extra, message):
         load_recipe(_write(tmp_path, BASE + extra))
 
 
-def test_preflight_names_recipe_file_key_and_make_target(tmp_path):
+def test_preflight_names_recipe_file_key_and_make_target(tmp_path, monkeypatch):
     from vlm.train.preflight import check_inputs
+
+    monkeypatch.chdir(tmp_path)  # the relative ./checkpoints/... case must not find a checkout's own base
 
     (tmp_path / "a.jsonl").write_text("")
     ok = f"stage: 2\ntune: full\noutput_dir: o\ndata: [{tmp_path / 'a.jsonl'}]\n"
