@@ -41,4 +41,6 @@ def test_vllm_engine_eval_matches_transformers_greedy(tmp_path):
     examples = load_examples(data["vqa_eval"], "vqa", limit=8)
     # Unbatched transformers greedy decoding gives the same tokens (as tests/test_engine_parity.py pins).
     hf = HFEngine(ckpt, batch_size=1).generate([(e.images, e.messages) for e in examples], max_new_tokens=16)
-    assert [p["prediction"] for p in vqa["predictions"]] == hf
+    # A random tiny model can stop inside a multi-byte character: vLLM's detokenizer drops that incomplete tail,
+    # transformers' decode renders it as U+FFFD. The tokens are the same; compare the text without that tail.
+    assert [p["prediction"].rstrip("\ufffd") for p in vqa["predictions"]] == [h.rstrip("\ufffd") for h in hf]

@@ -48,6 +48,7 @@ def server(tmp_path_factory, media_root):
     try:
         started = Server(
             "reliability",
+            tiny_checkpoint("clip", "llama", "mlp"),
             ["--enforce-eager", "--allowed-local-media-path", str(media_root), "--max-images", "2"],
             tmp_path_factory.mktemp("logs"),
         )
