@@ -8,18 +8,10 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from .llava_names import to_llava_names
 from .model import VLMForConditionalGeneration
 from .processing import VLMProcessor
 from .towers import tower_spec
-
-# Our parameter prefixes -> transformers' Llava prefixes.
-_LLAVA_PREFIXES = (
-    ("vision_tower.", "model.vision_tower."),
-    ("connector.proj.0.", "model.multi_modal_projector.linear_1."),
-    ("connector.proj.2.", "model.multi_modal_projector.linear_2."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-)
 
 
 def check_llava_compatible(model: VLMForConditionalGeneration) -> None:
@@ -52,14 +44,9 @@ def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
 
 def llava_state_dict(model: VLMForConditionalGeneration) -> dict[str, torch.Tensor]:
     check_llava_compatible(model)
-    mapped = {}
-    for name, tensor in model.state_dict().items():
-        for ours, theirs in _LLAVA_PREFIXES:
-            if name.startswith(ours):
-                mapped[theirs + name[len(ours) :]] = tensor
-                break
-        else:
-            raise ValueError(f"no llava-hf name for parameter {name!r}")
+    mapped, unmatched = to_llava_names(model.state_dict())
+    if unmatched:
+        raise ValueError(f"no llava-hf name for parameter {unmatched[0]!r}")
     return mapped
 
 

@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 
 from .config import VLMConfig
 from .constants import IMAGE_TOKEN
+from .llava_names import from_llava_names
 from .model import VLMForConditionalGeneration
 from .processing import VLMProcessor
 from .templates import led_by_bos, match_template
@@ -55,16 +56,6 @@ def import_checkpoint(source_format: str, src: str) -> tuple[VLMForConditionalGe
             f"unknown import format {source_format!r}; available: {', '.join(available_importers())}"
         )
     return _IMPORTERS[source_format](str(src))
-
-
-# Transformers' Llava parameter prefixes -> ours (export.py's map, reversed).
-_FROM_LLAVA = (
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.linear_1.", "connector.proj.0."),
-    ("model.multi_modal_projector.linear_2.", "connector.proj.2."),
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-)
 
 
 def check_llava_config(config: PretrainedConfig, src: str) -> None:
@@ -124,14 +115,9 @@ def _vlm_config(config: PretrainedConfig) -> VLMConfig:
 
 
 def _map_state_dict(llava_state: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
-    mapped = {}
-    for name, tensor in llava_state.items():
-        for theirs, ours in _FROM_LLAVA:
-            if name.startswith(theirs):
-                mapped[ours + name[len(theirs) :]] = tensor
-                break
-        else:
-            raise ImportRefused(f"{src}: weight {name!r} has no place in a vlm checkpoint")
+    mapped, unmatched = from_llava_names(llava_state)
+    if unmatched:
+        raise ImportRefused(f"{src}: weight {unmatched[0]!r} has no place in a vlm checkpoint")
     return mapped
 
 
