@@ -25,17 +25,16 @@ def source_token_sums(
     The shift and float cross-entropy are transformers' ForCausalLMLoss; rows one at a time bound the extra
     memory to one row of float logits.
     """
-    out = torch.zeros(2, n_sources, dtype=torch.float64)
+    # Sums stay on the logits' device until the end: one host transfer per step, not a sync per row.
+    out = torch.zeros(2, n_sources, dtype=torch.float64, device=logits.device)
+    targets, sources = labels[:, 1:].to(logits.device), token_sources[:, 1:].to(logits.device)
     for row in range(logits.shape[0]):
-        target = labels[row, 1:].to(logits.device)
-        keep = target != IGNORE_INDEX
-        if not keep.any():
-            continue
-        losses = F.cross_entropy(logits[row, :-1][keep].float(), target[keep], reduction="none")
-        src = token_sources[row, 1:].to(logits.device)[keep]
-        out[0].index_add_(0, src.cpu(), losses.double().cpu())
-        out[1].index_add_(0, src.cpu(), torch.ones_like(losses, dtype=torch.float64).cpu())
-    return out
+        keep = targets[row] != IGNORE_INDEX
+        losses = F.cross_entropy(logits[row, :-1][keep].float(), targets[row][keep], reduction="none")
+        src = sources[row][keep]
+        out[0].index_add_(0, src, losses.double())
+        out[1].index_add_(0, src, torch.ones_like(losses, dtype=torch.float64))
+    return out.cpu()
 
 
 def source_means(sums: torch.Tensor, names: list[str]) -> dict[str, float]:
