@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from .synth_text import COLOURS, SHAPES, SHORT_ANSWER, YESNO_QUESTIONS
@@ -162,14 +162,19 @@ def scene_negatives(
     raise ValueError(f"unknown POPE split {split!r}; expected one of {SPLITS}")
 
 
-def _scene_record(scene: dict[str, Any], split: str, obj: str, label: str, j: int) -> dict[str, Any]:
-    return _record(scene, split, obj, label) | {"id": f"{scene['id']}-pope-{split}-{label}-{j}"}
+def _scene_record(scene: dict, split: str, obj: str, label: str, j: int, heldout: Collection[str]) -> dict:
+    pair = "heldout" if obj in heldout else "seen"
+    return _record(scene, split, obj, label) | {"id": f"{scene['id']}-pope-{split}-{label}-{j}", "pair": pair}
 
 
 def scene_pope_records(
-    scenes: Iterable[dict[str, Any]], train_scenes: Iterable[dict[str, Any]], seed: int = 0
+    scenes: Iterable[dict[str, Any]],
+    train_scenes: Iterable[dict[str, Any]],
+    seed: int = 0,
+    heldout: Collection[str] = (),
 ) -> list[dict[str, Any]]:
-    """Per eval scene and split: up to 3 present objects (yes) and as many absent ones (no)."""
+    """Per eval scene and split: up to 3 present objects (yes) and as many absent ones (no). `pair` says whether
+    the probed object is a held-out colour-shape pair (never in a training scene)."""
     stats = Statistics(train_scenes)
     records = []
     for scene in scenes:
@@ -177,9 +182,9 @@ def scene_pope_records(
         present = objects_of(scene)
         positives = rng.sample(present, min(POSITIVES, len(present)))
         for split in SPLITS:
-            records += [_scene_record(scene, split, o, "yes", j) for j, o in enumerate(positives)]
+            records += [_scene_record(scene, split, o, "yes", j, heldout) for j, o in enumerate(positives)]
             negatives = scene_negatives(split, present, len(positives), rng, stats)
-            records += [_scene_record(scene, split, o, "no", j) for j, o in enumerate(negatives)]
+            records += [_scene_record(scene, split, o, "no", j, heldout) for j, o in enumerate(negatives)]
     return records
 
 

@@ -123,9 +123,7 @@ def generate(
                     out[name] += recs
                 bar.update(1)
     out["yesno_train"] = pope.scene_training_records(out["scenes_train"], seed)
-    out["pope_eval"] = pope.scene_pope_records(out["scenes_eval"], out["scenes_train"], seed)
-    for r in out["pope_eval"]:
-        r["pair"] = "heldout" if r["object"] in heldout else "seen"
+    out["pope_eval"] = pope.scene_pope_records(out["scenes_eval"], out["scenes_train"], seed, heldout)
     for name in FILES:
         _write_jsonl(paths[name], out[name])
     args = {"seed": seed, "n_train_images": n, "n_eval_images": n_eval, "image_sizes": list(image_sizes)}
