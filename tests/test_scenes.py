@@ -8,12 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from vlm.data import pope, scene_graph, scenes, synth
 from vlm.data import scene_questions as sq
 from vlm.data.cli import main as data_main
 from vlm.data.records import validate_record
+from vlm.data.samples import encode_conversation
 from vlm.eval.report import build_report
 from vlm.eval.tasks import VQAScorer, load_examples
 
@@ -52,7 +54,8 @@ def test_layout_matches_the_shapes_world_and_records_are_valid(out, data):
     manifest = json.loads(out["manifest"].read_text())
     assert manifest["world"] == "scenes" and manifest["families"] == list(sq.FAMILIES)
     assert {k: v["records"] for k, v in manifest["files"].items()} == {k: len(v) for k, v in data.items()}
-    assert len(data["scenes_train"]) == len(data["caption_train"]) == len(data["vqa_train"]) == N
+    assert len(data["scenes_train"]) == len(data["caption_train"]) == N
+    assert N < len(data["vqa_train"]) <= 2 * N  # up to six questions per scene, three per record
     for name in synth.FILES:
         if name.startswith("scenes_"):
             continue
@@ -278,3 +281,21 @@ def test_eval_report_has_a_slice_per_family_and_pair(out):
         assert f"family={family}" in slices
     assert slices["family=count"]["accuracy"] == 0.0 and slices["family=exist"]["accuracy"] == 1.0
     assert "pair=heldout" in slices and "pair=seen" in slices
+
+
+def test_training_records_fit_the_stage2_recipes_at_a_64_px_tower(data, build):
+    """The stage 2 recipes run on --out data/scenes: every training record fits max_length even with the 64
+    visual tokens a 64 px tower gives (the tiny test tower gives 16); stage 1 needs the documented override."""
+    proc = build("clip", "llama", "mlp")[1]
+    max_length = min(
+        yaml.safe_load(Path(f"stages/{n}.yaml").read_text())["max_length"]
+        for n in ("stage2", "stage2_lora", "stage2_qlora")
+    )
+    extra, longest = 64 - proc.num_image_tokens, {}
+    for name in synth.STAGE2_SOURCES:
+        for r in data[name]:
+            n_images = len(r.get("image", "") and [r["image"]])
+            n_tokens = encode_conversation(r, proc, "chatml", max_length=None).n_tokens + extra * n_images
+            longest[name] = max(longest.get(name, 0), n_tokens)
+    assert max(longest.values()) <= max_length == scenes.MAX_LENGTH["stage2"], sorted(longest.items())
+    assert longest["caption_train"] <= scenes.MAX_LENGTH["stage1"]

@@ -17,6 +17,7 @@ from .scene_graph import pair_of
 from .synth_mix import Turns, text_record, to_conversations
 from .synth_text import CAPTION_INSTRUCTIONS, DESCRIBE_INSTRUCTIONS, SHORT_ANSWER
 
+VQA_TURNS = 3  # questions per vqa_train record: six families in one record pass stage 2's max_length at 64 px
 _COUNT_ALL = ("How many objects are there?", "How many shapes can be seen here?")
 _CONTEXT = ("Read this caption: {}", "Here is a description of a picture: {}")
 _NARRATIVE = ("Describe a picture made of coloured shapes.", "Write a few sentences about a simple drawing.")
@@ -64,7 +65,7 @@ def _sentence(family: str, program: dict, answer: str) -> str:
 def _conversation(graph: dict[str, Any], qa: list[tuple[str, dict, str]], rng: random.Random) -> Turns:
     n = graph["count"]
     turns = [(rng.choice(_COUNT_ALL), f"There {'is one object' if n == 1 else f'are {n} objects'}.")]
-    picked = rng.sample(qa, min(len(qa), rng.randint(2, 3)))
+    picked = rng.sample(qa, min(len(qa), rng.randint(1, 2)))  # more would pass max_length with six objects
     turns += [(sq.question_text(f, p), _sentence(f, p, a)) for f, p, a in picked]
     return turns + [("Can you describe the whole picture?", scene_text.caption(graph, rng))]
 
@@ -92,7 +93,12 @@ def train_records(graph: dict[str, Any], seed: int) -> dict[str, list[dict]]:
     dialogue[0] = (f"{rng.choice(_CONTEXT).format(caption)}\n{dialogue[0][0]}", dialogue[0][1])
     return {
         "caption_train": [_record(graph, [(rng.choice(CAPTION_INSTRUCTIONS), caption)])],
-        "vqa_train": [_record(graph, [(short(sq.question_text(f, p)), a) for f, p, a in qa])],
+        "vqa_train": [
+            _record(
+                graph, [(short(sq.question_text(f, p)), a) for f, p, a in qa[k : k + VQA_TURNS]], f"vqa{k}"
+            )
+            for k in range(0, len(qa), VQA_TURNS)
+        ],
         "describe_train": [_record(graph, [(rng.choice(DESCRIBE_INSTRUCTIONS), description)])],
         "conversation_train": [_record(graph, _conversation(graph, qa, conv_rng))],
         "text_train": [

@@ -35,6 +35,10 @@ from .scene_graph import (
 from .synth import FILES, STAGE2_SOURCES, _scene_rng, _write_jsonl, default_n_eval
 
 FORMAT_VERSION = 1
+# Sample lengths at a 64 px tower (64 visual tokens), tiny tokenizer: the stage 2 sources fit the recipes' 256,
+# but a six-object caption sample is up to ~141 tokens, past stage1.yaml's 128: stage 1 on this world needs
+# max_length=160 on its command line (tests/test_scenes.py measures both).
+MAX_LENGTH = {"stage1": 160, "stage2": 256}
 VISUAL_TOKENS_NOTE = "64 px at patch 8 -> 8 x 8 = 64 visual tokens per image (tiny presets: 32 px -> 16)"
 
 
@@ -76,6 +80,7 @@ def _manifest(args: dict[str, Any], out: dict[str, list]) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         **args,
         "visual_tokens": VISUAL_TOKENS_NOTE,
+        "max_length": MAX_LENGTH,
         "image_dirs": {"train": "images/train", "eval": "images/eval"},
         "files": {name: {"path": f"{name}.jsonl", "records": len(out[name])} for name in FILES},
         "stage2_sources": list(STAGE2_SOURCES),
