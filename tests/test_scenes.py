@@ -4,6 +4,7 @@ checked against an independent oracle, held-out pairs, POPE from training statis
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -299,3 +300,22 @@ def test_training_records_fit_the_stage2_recipes_at_a_64_px_tower(data, build):
             longest[name] = max(longest.get(name, 0), n_tokens)
     assert max(longest.values()) <= max_length == scenes.MAX_LENGTH["stage2"], sorted(longest.items())
     assert longest["caption_train"] <= scenes.MAX_LENGTH["stage1"]
+
+
+def test_corpus_texts_cover_every_word_of_another_seed(data):
+    """scenes.corpus_texts is the text a tokenizer for this world learns from."""
+    words = {w for t in scenes.corpus_texts(n=200, seed=5) for w in re.findall(r"[a-z]+|\d", t.lower())}
+    for name in synth.FILES:
+        if name.startswith("scenes_"):
+            continue
+        for r in data[name]:
+            for turn in r["conversations"]:
+                missing = set(re.findall(r"[a-z]+|\d", turn["value"].lower().replace("<image>", ""))) - words
+                assert not missing, (name, r["id"], missing)
+
+
+def test_data_pope_rebuilds_scene_probes_with_training_statistics(out, tmp_path, capsys):
+    target = tmp_path / "pope.jsonl"
+    args = ["data", "pope", "--scenes", str(out["scenes_eval"]), "--out", str(target), "--seed", "0"]
+    assert data_main(args) == 0, capsys.readouterr()
+    assert target.read_bytes() == out["pope_eval"].read_bytes()

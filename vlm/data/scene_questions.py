@@ -263,9 +263,36 @@ def _draft(rng: random.Random, graph: dict[str, Any], family: str) -> dict[str, 
     return {"a": a, "b": b, "relate": rng.choice(RELATIONS)}
 
 
+def _all_filters(max_keys: int) -> list[dict[str, str]]:
+    out = []
+    for r in range(1, max_keys + 1):
+        for keys in itertools.combinations(ATTRIBUTES, r):
+            out += [
+                dict(zip(keys, values, strict=True))
+                for values in itertools.product(*(ATTRIBUTES[k] for k in keys))
+            ]
+    return out
+
+
+_COUNT_FILTERS = _all_filters(2)
+
+
+def _count_question(rng: random.Random, graph: dict[str, Any]) -> tuple[dict, str]:
+    """A count whose answer is drawn evenly from the answers this scene allows, then a filter giving it: drawn
+    filters alone answer "1" half the time."""
+    by_answer: dict[str, list[dict[str, str]]] = {}
+    for f in _COUNT_FILTERS:
+        by_answer.setdefault(str(len(select(graph["objects"], f))), []).append(f)
+    answer = rng.choice(sorted(by_answer))
+    return {"filter": rng.choice(by_answer[answer])}, answer
+
+
 def draw_question(rng: random.Random, graph: dict[str, Any], family: str) -> tuple[dict, str] | None:
-    """(program, answer) of one family; yes/no families aim at a yes or a no drawn evenly (CLEVR balances its
-    answers too), so "always no" stays at chance. None when the scene holds no such question."""
+    """(program, answer) of one family; yes/no families aim at a yes or a no drawn evenly and counts at an answer
+    drawn evenly from those the scene allows (CLEVR balances its answers too), so a majority guess stays near
+    chance. None when the scene holds no such question."""
+    if family == "count":
+        return _count_question(rng, graph)
     want = rng.choice(YES_NO) if ANSWERS[family] == YES_NO else None
     fallback = None
     for _ in range(_TRIES):

@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from . import pope, scene_records, scene_text
 from . import scene_questions as sq
+from . import synth_text as text
 from .scene_graph import (
     DEFAULT_CANVAS,
     DEFAULT_HELDOUT_PAIRS,
     MIN_CANVAS,
     draw_graph,
     make_graph,
-    pair_of,
 )
 from .synth import FILES, STAGE2_SOURCES, _scene_rng, _write_jsonl, default_n_eval
 
@@ -138,15 +138,14 @@ def generate(
     return paths
 
 
-def heldout_in(graphs: Sequence[dict[str, Any]], heldout: set[str]) -> set[str]:
-    """The held-out pairs present in a set of scenes."""
-    return {pair_of(o) for g in graphs for o in g["objects"]} & heldout
-
-
 def corpus_texts(n: int = 500, seed: int = 0) -> list[str]:
-    """Text for a tokenizer of this world: fixed template words, then the training text of n scenes."""
+    """Text for a tokenizer of this world: instructions, yes/no wordings, answers and template words, then the
+    training text of n scenes (so every question wording occurs). Not yet wired into `vlm init`, whose tiny
+    tokenizer learns the shapes world's corpus (the `vlm.tokenizer_corpora` entry point "synthetic")."""
     texts = scene_text.corpus_strings() + scene_records.corpus_strings()
     texts += [a for answers in sq.ANSWERS.values() for a in answers]
+    texts += list(text.CAPTION_INSTRUCTIONS + text.DESCRIBE_INSTRUCTIONS) + [text.SHORT_ANSWER]
+    texts += [q.format(pope.with_article(o)) for q in text.YESNO_QUESTIONS for o in pope.ALL_OBJECTS]
     for graph in iter_graphs(n, seed, "train"):
         for records in scene_records.train_records(graph, seed).values():
             for r in records:
