@@ -3,6 +3,7 @@ checked against an independent oracle, held-out pairs, POPE from training statis
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -75,6 +76,14 @@ def test_scenes_have_one_to_six_objects_and_no_full_occlusion(out, data):
         assert g["count"] == len(g["objects"])
         shares = scene_graph.visible_shares(g["objects"], g["width"])
         assert min(shares) >= scene_graph.MIN_VISIBLE, g["id"]
+        for a, b in itertools.combinations(g["objects"], 2):
+            if a["colour"] == b["colour"]:  # apart by at least one background pixel: no merged blobs
+                assert (
+                    a["box"][2] + 1 < b["box"][0]
+                    or b["box"][2] + 1 < a["box"][0]
+                    or a["box"][3] + 1 < b["box"][1]
+                    or b["box"][3] + 1 < a["box"][1]
+                ), (g["id"], a, b)
         img = Image.open(out["root"] / g["image"]).convert("RGB")
         for obj in g["objects"]:  # every object shows pixels of its own colour inside its box
             x0, y0, x1, y1 = obj["box"]

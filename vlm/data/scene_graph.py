@@ -1,5 +1,7 @@
 """CLEVR-style scene graphs for `vlm data synth --world scenes`: 1-6 objects, each with its own colour, shape, size
-and position, none fully hidden; drawn with an optional background texture and pixel noise.
+and position, none fully hidden (each keeps >= 60% of its pixels visible) and none touching an object of its own
+colour (flat colours without outlines would merge into one blob); drawn with an optional background texture and
+pixel noise.
 
 Canvas: 64 px by default. Geometry is in fractions of the side: a small object's box is ~10 px, a large one
 ~17 px, two centres closer than ~4 px along an axis have no left/right (above/below) relation. To resolve six
@@ -92,6 +94,12 @@ def visible_shares(objects: list[dict[str, Any]], side: int) -> list[float]:
     return shares
 
 
+def boxes_touch(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Boxes that overlap or share an edge: same-coloured objects there would merge into one blob (no
+    outlines), so the generator keeps them apart."""
+    return a[0] <= b[2] + 1 and b[0] <= a[2] + 1 and a[1] <= b[3] + 1 and b[1] <= a[3] + 1
+
+
 def _attributes(rng: random.Random, banned: set[tuple[str, str]]) -> tuple[str, str, str]:
     while True:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -102,12 +110,15 @@ def _attributes(rng: random.Random, banned: set[tuple[str, str]]) -> tuple[str, 
 def _place(
     rng: random.Random, objects: list[dict], colour: str, shape: str, size: str, side: int
 ) -> dict | None:
-    """One object at a random position whose addition hides no object (this one included) beyond the bound."""
+    """One object at a random position whose addition hides no object (this one included) beyond the bound and
+    touches no object of its colour."""
     half = _HALF_EXTENT[size] * side
     for _ in range(_PLACEMENT_TRIES):
         cx, cy = rng.uniform(half + 1, side - half - 2), rng.uniform(half + 1, side - half - 2)
         box = [round(cx - half), round(cy - half), round(cx + half), round(cy + half)]
         obj = {"colour": colour, "shape": shape, "size": size, "box": box}
+        if any(o["colour"] == colour and boxes_touch(o["box"], box) for o in objects):
+            continue
         shares = visible_shares([*objects, obj], side)
         if min(shares) >= MIN_VISIBLE:
             obj["centre"] = [round((box[0] + box[2]) / 2, 1), round((box[1] + box[3]) / 2, 1)]
