@@ -212,8 +212,8 @@ def _relational_descriptions(graph: dict[str, Any], index: int, without: str | N
             continue
         for anchor_desc in _unique_descriptions(graph, anchor, None):
             for rel in RELATIONS:
-                for keys in ((k,) for k in ATTRIBUTES if k != without):
-                    desc = {"filter": {k: graph["objects"][index][k] for k in keys}, "relate": rel}
+                for key in (k for k in ATTRIBUTES if k != without):  # one attribute: "the square left of ..."
+                    desc = {"filter": {key: graph["objects"][index][key]}, "relate": rel}
                     desc["anchor"] = anchor_desc["filter"]
                     try:
                         if resolve(graph, desc) == index:
@@ -239,10 +239,8 @@ def _description(
 def _draft(rng: random.Random, graph: dict[str, Any], family: str) -> dict[str, Any] | None:
     """One candidate program of `family` (maybe ill-posed, maybe None when the scene cannot hold one)."""
     n = len(graph["objects"])
-    if family in ("exist", "count"):
-        return {
-            "filter": _filter_of(rng, graph, rng.choice((1, 2, 2, 3) if family == "exist" else (1, 1, 2)))
-        }
+    if family == "exist":  # counts are drawn by `_count_question`
+        return {"filter": _filter_of(rng, graph, rng.choice((1, 2, 2, 3)))}
     if family == "compare_count":
         a, b = (_filter_of(rng, graph, 1) for _ in range(2))
         return None if a == b else {"a": a, "b": b, "compare": rng.choice(("more", "fewer", "equal"))}

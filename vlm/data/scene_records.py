@@ -54,7 +54,7 @@ def _record(graph: dict[str, Any], turns: Turns, suffix: str = "", **fields: Any
 def _sentence(family: str, program: dict, answer: str) -> str:
     """A full-sentence answer for conversations."""
     if family == "count":
-        return f"There {'is' if answer == '1' else 'are'} {answer}."
+        return {"0": "There are none.", "1": "There is one."}.get(answer, f"There are {answer}.")
     if family == "query_attribute":
         return f"It is {answer}."
     if family == "compare_attribute":
