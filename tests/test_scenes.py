@@ -180,6 +180,19 @@ def test_heldout_pairs_never_in_training_but_in_eval(data):
     assert {r["pair"] for r in data["pope_eval"] if r["object"] in HELDOUT} == {"heldout"}
 
 
+def test_training_text_never_names_a_heldout_pair(data):
+    """Held out from training images and text alike: no question, caption or yes/no negative names one."""
+    patterns = [
+        re.compile(rf"\b{c} (small |large |little |big )?{s}s?\b|\b{s}s? in {c}\b")
+        for c, s in (p.split() for p in HELDOUT)
+    ]
+    for name in (*synth.STAGE2_SOURCES, "lm_train"):
+        for r in data[name]:
+            for turn in r["conversations"]:
+                assert not any(p.search(turn["value"]) for p in patterns), (name, r["id"], turn["value"])
+    assert any(p.search(r["conversations"][0]["value"]) for r in data["vqa_eval"] for p in patterns)
+
+
 def test_pope_negatives_follow_training_statistics():
     def scene(i, *pairs):
         objs = [{"colour": p.split()[0], "shape": p.split()[1]} for p in pairs]

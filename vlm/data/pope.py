@@ -150,15 +150,21 @@ class Statistics:
 
 
 def scene_negatives(
-    split: str, present: list[str], k: int, rng: random.Random, stats: Statistics
+    split: str,
+    present: list[str],
+    k: int,
+    rng: random.Random,
+    stats: Statistics,
+    exclude: Collection[str] = (),
 ) -> list[str]:
-    absent = [o for o in ALL_OBJECTS if o not in present]
+    """k absent objects by POPE's split rule, none in `exclude`."""
+    absent = [o for o in ALL_OBJECTS if o not in present and o not in exclude]
     if split == "random":
         return rng.sample(absent, min(k, len(absent)))
     if split == "popular":
-        return [o for o in stats.popular() if o not in present][:k]
+        return [o for o in stats.popular() if o in absent][:k]
     if split == "adversarial":
-        return [o for o in stats.cooccurring(present) if o not in present][:k]
+        return [o for o in stats.cooccurring(present) if o in absent][:k]
     raise ValueError(f"unknown POPE split {split!r}; expected one of {SPLITS}")
 
 
@@ -188,8 +194,11 @@ def scene_pope_records(
     return records
 
 
-def scene_training_records(scenes: Iterable[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """Per training scene a yes and a no question (random order), negatives cycling through POPE's splits."""
+def scene_training_records(
+    scenes: Iterable[dict[str, Any]], seed: int = 0, heldout: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """Per training scene a yes and a no question (random order), negatives cycling through POPE's splits and
+    never a held-out pair (held out means absent from training text too)."""
     scenes = list(scenes)
     stats = Statistics(scenes)
     records = []
@@ -197,7 +206,10 @@ def scene_training_records(scenes: Iterable[dict[str, Any]], seed: int = 0) -> l
         rng = random.Random(f"vlm.yesno/{seed}/{scene['id']}")
         present = objects_of(scene)
         split = SPLITS[i % len(SPLITS)]
-        pair = [("yes", rng.choice(present)), ("no", scene_negatives(split, present, 1, rng, stats)[0])]
+        pair = [
+            ("yes", rng.choice(present)),
+            ("no", scene_negatives(split, present, 1, rng, stats, heldout)[0]),
+        ]
         rng.shuffle(pair)
         for label, obj in pair:
             convs = _conversation(rng.choice(YESNO_QUESTIONS), obj, label)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Collection
 from typing import Any
 
 from .scene_graph import MAX_OBJECTS, relation
@@ -275,27 +276,38 @@ def _all_filters(max_keys: int) -> list[dict[str, str]]:
 _COUNT_FILTERS = _all_filters(2)
 
 
-def _count_question(rng: random.Random, graph: dict[str, Any]) -> tuple[dict, str]:
+def names_pair(family: str, program: dict[str, Any], pairs: Collection[str]) -> bool:
+    """Whether the question's words name one of the colour-shape pairs ("red circle")."""
+    filters = mentioned_filters(family, program)
+    return any(f"{f['colour']} {f['shape']}" in pairs for f in filters if "colour" in f and "shape" in f)
+
+
+def _count_question(rng: random.Random, graph: dict[str, Any], banned: Collection[str]) -> tuple[dict, str]:
     """A count whose answer is drawn evenly from the answers this scene allows, then a filter giving it: drawn
     filters alone answer "1" half the time."""
     by_answer: dict[str, list[dict[str, str]]] = {}
     for f in _COUNT_FILTERS:
+        if names_pair("count", {"filter": f}, banned):
+            continue
         by_answer.setdefault(str(len(select(graph["objects"], f))), []).append(f)
     answer = rng.choice(sorted(by_answer))
     return {"filter": rng.choice(by_answer[answer])}, answer
 
 
-def draw_question(rng: random.Random, graph: dict[str, Any], family: str) -> tuple[dict, str] | None:
+def draw_question(
+    rng: random.Random, graph: dict[str, Any], family: str, banned: Collection[str] = ()
+) -> tuple[dict, str] | None:
     """(program, answer) of one family; yes/no families aim at a yes or a no drawn evenly and counts at an answer
     drawn evenly from those the scene allows (CLEVR balances its answers too), so a majority guess stays near
-    chance. None when the scene holds no such question."""
+    chance. No question names a pair in `banned` (training keeps held-out pairs out of its text too). None when
+    the scene holds no such question."""
     if family == "count":
-        return _count_question(rng, graph)
+        return _count_question(rng, graph, banned)
     want = rng.choice(YES_NO) if ANSWERS[family] == YES_NO else None
     fallback = None
     for _ in range(_TRIES):
         program = _draft(rng, graph, family)
-        if program is None:
+        if program is None or names_pair(family, program, banned):
             continue
         try:
             answer = execute(graph, family, program)

@@ -9,6 +9,7 @@ names or is about an object whose colour-shape pair the training scenes never sh
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from typing import Any
 
 from . import scene_questions as sq
@@ -31,11 +32,14 @@ def short(question: str) -> str:
     return f"{question}\n{SHORT_ANSWER}"
 
 
-def questions(graph: dict[str, Any], rng: random.Random) -> list[tuple[str, dict, str]]:
-    """(family, program, answer) for each family the scene can hold, in FAMILIES order."""
+def questions(
+    graph: dict[str, Any], rng: random.Random, banned: Collection[str] = ()
+) -> list[tuple[str, dict, str]]:
+    """(family, program, answer) for each family the scene can hold, in FAMILIES order, none naming a pair in
+    `banned`."""
     out = []
     for family in sq.FAMILIES:
-        drawn = sq.draw_question(rng, graph, family)
+        drawn = sq.draw_question(rng, graph, family, banned)
         if drawn is not None:
             out.append((family, *drawn))
     return out
@@ -70,21 +74,23 @@ def _conversation(graph: dict[str, Any], qa: list[tuple[str, dict, str]], rng: r
     return turns + [("Can you describe the whole picture?", scene_text.caption(graph, rng))]
 
 
-def _text_turns(graph: dict[str, Any], rng: random.Random) -> Turns:
+def _text_turns(graph: dict[str, Any], rng: random.Random, banned: Collection[str]) -> Turns:
     """Text-only: a caption given in words, then exist / count questions it answers (every object is named)."""
     context = rng.choice(_CONTEXT).format(scene_text.caption(graph, rng))
     turns = []
-    for i, family in enumerate(rng.sample(["exist", "count"], 2)):
-        program, answer = sq.draw_question(rng, graph, family)
-        q = short(sq.question_text(family, program))
-        turns.append((f"{context}\n{q}" if i == 0 else q, answer))
+    for family in rng.sample(["exist", "count"], 2):
+        drawn = sq.draw_question(rng, graph, family, banned)
+        if drawn is not None:
+            q = short(sq.question_text(family, drawn[0]))
+            turns.append((f"{context}\n{q}" if not turns else q, drawn[1]))
     return turns
 
 
-def train_records(graph: dict[str, Any], seed: int) -> dict[str, list[dict]]:
-    """Per training file name, this scene's records (yes/no comes from the whole scene set: see pope.py)."""
+def train_records(graph: dict[str, Any], seed: int, heldout: Collection[str] = ()) -> dict[str, list[dict]]:
+    """Per training file name, this scene's records (yes/no comes from the whole scene set: see pope.py). No
+    question names a held-out pair: held out means absent from training images and text alike."""
     rng = kind_rng(seed, graph["id"], "train")
-    qa = questions(graph, rng)
+    qa = questions(graph, rng, heldout)
     rng.shuffle(qa)
     caption, description = scene_text.caption(graph, rng), scene_text.description(graph, rng)
     conv_rng, lm_rng = kind_rng(seed, graph["id"], "conversation"), kind_rng(seed, graph["id"], "lm")
@@ -102,25 +108,22 @@ def train_records(graph: dict[str, Any], seed: int) -> dict[str, list[dict]]:
         "describe_train": [_record(graph, [(rng.choice(DESCRIBE_INSTRUCTIONS), description)])],
         "conversation_train": [_record(graph, _conversation(graph, qa, conv_rng))],
         "text_train": [
-            text_record(f"{graph['id']}-text", _text_turns(graph, kind_rng(seed, graph["id"], "text")))
+            text_record(
+                f"{graph['id']}-text", _text_turns(graph, kind_rng(seed, graph["id"], "text"), heldout)
+            )
         ],
         "lm_train": [
             text_record(f"{graph['id']}-lm-narrative", narrative),
             text_record(f"{graph['id']}-lm-dialogue", dialogue),
-            text_record(f"{graph['id']}-lm-text", _text_turns(graph, lm_rng)),
+            text_record(f"{graph['id']}-lm-text", _text_turns(graph, lm_rng, heldout)),
         ],
     }
 
 
 def involves_heldout(graph: dict, family: str, program: dict, heldout: set[str]) -> bool:
     """The question names a held-out pair, or is about an object that is one."""
-    named = {
-        f"{f['colour']} {f['shape']}"
-        for f in sq.mentioned_filters(family, program)
-        if {"colour", "shape"} <= set(f)
-    }
     about = {pair_of(graph["objects"][i]) for i in sq.touched(graph, family, program)}
-    return bool((named | about) & heldout)
+    return sq.names_pair(family, program, heldout) or bool(about & heldout)
 
 
 def _eval_fields(graph: dict[str, Any], answers: list[str]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from which new probes can be generated later.
 The tower must see 64 px to resolve six objects: at patch 8 that is 64 visual tokens per image (the tiny
 presets' 32 px give 16). See scene_graph.py for the geometry.
 
-Held-out combinations (as CLEVR's CoGenT): colour-shape pairs in `heldout_pairs` never appear in training scenes;
+Held-out combinations (as CLEVR's CoGenT): colour-shape pairs in `heldout_pairs` never appear in training scenes,
+nor in any training text (no question or yes/no negative names one, so "held-out pair -> no" is not learnable);
 eval scenes draw every pair, and each eval question says whether it involves one (`pair: heldout | seen`), so
 `vlm eval` reports the drop as the slices pair=heldout vs pair=seen.
 """
@@ -35,6 +36,7 @@ from .scene_graph import (
 from .synth import FILES, STAGE2_SOURCES, _scene_rng, _write_jsonl, default_n_eval
 
 FORMAT_VERSION = 1
+_DEFAULT_HELDOUT = {f"{c} {s}" for c, s in DEFAULT_HELDOUT_PAIRS}
 # Sample lengths at a 64 px tower (64 visual tokens), tiny tokenizer: the stage 2 sources fit the recipes' 256,
 # but a six-object caption sample is up to ~141 tokens, past stage1.yaml's 128: stage 1 on this world needs
 # max_length=160 on its command line (tests/test_scenes.py measures both).
@@ -120,14 +122,14 @@ def generate(
                 draw_graph(graph).save(root / graph["image"], format="PNG")
                 out[f"scenes_{split}"].append(graph)
                 made = (
-                    scene_records.train_records(graph, seed)
+                    scene_records.train_records(graph, seed, heldout)
                     if split == "train"
                     else scene_records.eval_records(graph, seed, heldout)
                 )
                 for name, recs in made.items():
                     out[name] += recs
                 bar.update(1)
-    out["yesno_train"] = pope.scene_training_records(out["scenes_train"], seed)
+    out["yesno_train"] = pope.scene_training_records(out["scenes_train"], seed, heldout)
     out["pope_eval"] = pope.scene_pope_records(out["scenes_eval"], out["scenes_train"], seed, heldout)
     for name in FILES:
         _write_jsonl(paths[name], out[name])
@@ -147,7 +149,7 @@ def corpus_texts(n: int = 500, seed: int = 0) -> list[str]:
     texts += list(text.CAPTION_INSTRUCTIONS + text.DESCRIBE_INSTRUCTIONS) + [text.SHORT_ANSWER]
     texts += [q.format(pope.with_article(o)) for q in text.YESNO_QUESTIONS for o in pope.ALL_OBJECTS]
     for graph in iter_graphs(n, seed, "train"):
-        for records in scene_records.train_records(graph, seed).values():
+        for records in scene_records.train_records(graph, seed, _DEFAULT_HELDOUT).values():
             for r in records:
                 texts += [t["value"].replace("<image>\n", "") for t in r["conversations"]]
     return texts
