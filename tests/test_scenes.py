@@ -264,10 +264,13 @@ def test_check_recomputes_the_answer_from_the_graph(out, capsys):
     )
 
 
-def test_check_without_scene_files_says_so(out, tmp_path, capsys):
+def test_check_without_or_with_broken_scene_files_says_so(out, tmp_path, capsys):
     (tmp_path / "vqa_eval.jsonl").write_bytes(out["vqa_eval"].read_bytes())
     rc, text = _check(tmp_path / "vqa_eval.jsonl", capsys)
     assert rc == 1 and "no scene graphs" in text
+    (tmp_path / "scenes_eval.jsonl").write_text(out["scenes_eval"].read_text() + "{not json\n")
+    rc, text = _check(tmp_path / "vqa_eval.jsonl", capsys)
+    assert rc == 1 and f"{tmp_path / 'scenes_eval.jsonl'}:{N_EVAL + 1}: not a scene graph" in text, text
 
 
 # ---- CLI and eval ----------------------------------------------------------------------------------------

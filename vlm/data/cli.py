@@ -68,7 +68,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             all_ok = False
             continue
         report = records.check_file(file, image_root=args.image_root, verify_images=not args.no_images)
-        scene_check.extend_report(report, Path(args.image_root or Path(file).parent))
+        try:
+            scene_check.extend_report(report, Path(args.image_root or Path(file).parent))
+        except ValueError as e:  # a broken scenes file: no answer can be recomputed from it
+            report.problems.append((0, None, f"cannot check answers against the scene graphs: {e}"))
         shown = report.problems if args.max_errors <= 0 else report.problems[: args.max_errors]
         for problem in shown:
             print(report.format_problem(problem))

@@ -18,16 +18,24 @@ SCENE_FILES = ("scenes_train.jsonl", "scenes_eval.jsonl")
 
 
 def load_graphs(root: Path) -> dict[str, dict[str, Any]]:
-    """Scene graphs by id from the scenes files under root (missing files: none)."""
+    """Scene graphs by id from the scenes files under root (missing files: none). A line that is not a graph
+    with an id and objects raises ValueError naming FILE:LINE."""
     graphs = {}
     for name in SCENE_FILES:
         path = root / name
         if not path.is_file():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 graph = json.loads(line)
-                graphs[graph["id"]] = graph
+                graphs[str(graph["id"])] = graph
+                ok = isinstance(graph["objects"], list) and isinstance(graph["width"], int)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}:{n}: not a scene graph (a JSON object with id, width and objects)")
     return graphs
 
 
