@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import pope, records, synth
+from . import pope, records, scene_check, scene_graph, scenes, synth
+
+WORLDS = ("shapes", "scenes")
 
 
 def _sizes(value: str) -> tuple[int, ...]:
@@ -20,16 +22,30 @@ def _sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
+def _generate(args: argparse.Namespace) -> dict[str, Path]:
+    common = {"seed": args.seed, "n_eval": args.n_eval, "progress": not args.quiet}
+    if args.world == "shapes":
+        if args.heldout_pairs is not None or args.texture or args.noise:
+            raise ValueError("--heldout-pairs, --texture and --noise belong to --world scenes")
+        return synth.generate(args.out, args.n, image_sizes=args.sizes or synth.DEFAULT_IMAGE_SIZES, **common)
+    pairs = scene_graph.DEFAULT_HELDOUT_PAIRS
+    if args.heldout_pairs is not None:
+        pairs = scene_graph.parse_pairs(args.heldout_pairs)
+    sizes = args.sizes or (scene_graph.DEFAULT_CANVAS,)
+    return scenes.generate(
+        args.out,
+        args.n,
+        image_sizes=sizes,
+        heldout_pairs=pairs,
+        texture=args.texture,
+        noise=args.noise,
+        **common,
+    )
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     try:
-        paths = synth.generate(
-            args.out,
-            args.n,
-            seed=args.seed,
-            n_eval=args.n_eval,
-            image_sizes=args.sizes,
-            progress=not args.quiet,
-        )
+        paths = _generate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +68,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             all_ok = False
             continue
         report = records.check_file(file, image_root=args.image_root, verify_images=not args.no_images)
+        try:
+            scene_check.extend_report(report, Path(args.image_root or Path(file).parent))
+        except ValueError as e:  # a broken scenes file: no answer can be recomputed from it
+            report.problems.append((0, None, f"cannot check answers against the scene graphs: {e}"))
         shown = report.problems if args.max_errors <= 0 else report.problems[: args.max_errors]
         for problem in shown:
             print(report.format_problem(problem))
@@ -71,12 +91,28 @@ def cmd_pope(args: argparse.Namespace) -> int:
     ]
     out = args.out or args.scenes.with_name("pope_eval.jsonl")
     try:
-        pope_records = pope.pope_records(scenes, seed=args.seed)
+        if scenes and "objects" in scenes[0]:  # the scenes world: statistics come from the training scenes
+            train = args.scenes.with_name("scenes_train.jsonl")
+            if not train.is_file():
+                print(
+                    f"error: {train} not found: scene POPE counts objects over the training scenes",
+                    file=sys.stderr,
+                )
+                return 2
+            train_scenes = [
+                json.loads(line) for line in train.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+            manifest = args.scenes.with_name("manifest.json")
+            pairs = json.loads(manifest.read_text())["heldout_pairs"] if manifest.is_file() else []
+            heldout = {p.replace(":", " ") for p in pairs}
+            pope_records = pope.scene_pope_records(scenes, train_scenes, seed=args.seed, heldout=heldout)
+        else:
+            pope_records = pope.pope_records(scenes, seed=args.seed)
     except KeyError as e:
         print(f"error: {args.scenes}: a scene lacks the field {e}", file=sys.stderr)
         return 2
     synth._write_jsonl(out, pope_records)
-    print(f"wrote {len(pope_records)} POPE questions ({len(scenes)} scenes x 3 splits x yes/no) to {out}")
+    print(f"wrote {len(pope_records)} POPE questions ({len(scenes)} scenes x 3 splits, yes and no) to {out}")
     return 0
 
 
@@ -86,16 +122,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sub = data.add_subparsers(dest="data_command", metavar="{synth,check,pope}")
     sub.required = True
 
-    p = sub.add_parser("synth", help="write the synthetic shapes dataset (images + LLaVA JSONL)")
+    p = sub.add_parser("synth", help="write a synthetic dataset (images + LLaVA JSONL)")
     p.add_argument("--out", required=True, type=Path, help="output directory (the image root)")
+    p.add_argument(
+        "--world",
+        choices=WORLDS,
+        default="shapes",
+        help="shapes: copies of one coloured shape (default); scenes: CLEVR-style scenes of 1-6 objects with "
+        "question families and held-out colour-shape pairs",
+    )
     p.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=None, help="held-out images (default max(n // 10, 50))")
     p.add_argument(
         "--sizes",
         type=_sizes,
-        default=synth.DEFAULT_IMAGE_SIZES,
-        help="comma-separated image sides in px, one drawn per image (default 32,48,64)",
+        default=None,
+        help="comma-separated image sides in px, one drawn per image (default: shapes 32,48,64; scenes 64)",
+    )
+    pairs = ",".join(f"{c}:{s}" for c, s in scene_graph.DEFAULT_HELDOUT_PAIRS)
+    p.add_argument(
+        "--heldout-pairs",
+        default=None,
+        help=f"scenes: colour:shape pairs kept out of training scenes, comma-separated, '' for none (default {pairs})",
+    )
+    p.add_argument("--texture", action="store_true", help="scenes: textured backgrounds (grid, stripes)")
+    p.add_argument(
+        "--noise", type=float, default=0.0, help="scenes: Gaussian pixel noise, std in 0-255 units"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)

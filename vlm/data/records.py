@@ -174,7 +174,7 @@ def _problems(record: Any, image_root: Path | None, cache: dict[Path, str | None
 
 
 # Optional reference and slice fields of eval records (data/README.md); `vlm eval` reads them as these types.
-_STRING_FIELDS = ("question_type", "phrasing", "pope_split", "scene_id")
+_STRING_FIELDS = ("question_type", "phrasing", "pope_split", "scene_id", "family", "pair")
 
 
 def _eval_field_problems(record: dict[str, Any]) -> list[str]:

@@ -2,7 +2,8 @@
 
 An eval record is a LLaVA record whose last turn is the reference answer (`gpt`), with optional reference and
 slice fields: `answers` (list of reference strings; default: the last turn), `question_type`, `num_objects`,
-`image_size`, `pope_split` (see data/README.md). Everything before the last turn is the prompt.
+`image_size`, `pope_split`, and the scenes world's `family` (question family) and `pair` (heldout when the
+question involves a colour-shape pair no training scene shows) (see data/README.md). Everything before the last turn is the prompt.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ class TaskSpec:
 
 
 TASKS = {
-    "vqa": TaskSpec("vqa", "accuracy", ("question_type", "phrasing", "num_objects", "image_size"), 16),
+    "vqa": TaskSpec(
+        "vqa", "accuracy", ("question_type", "family", "pair", "phrasing", "num_objects", "image_size"), 16
+    ),
     "caption": TaskSpec("caption", "cider_d", ("num_objects", "image_size"), 48),
     # Detailed descriptions (every object with colour, size, shape, position): scored as captions, longer.
     "describe": TaskSpec("describe", "cider_d", ("num_objects", "image_size"), 128),
-    "pope": TaskSpec("pope", "f1", ("pope_split", "num_objects", "image_size"), 8),
+    "pope": TaskSpec("pope", "f1", ("pope_split", "pair", "num_objects", "image_size"), 8),
 }
 
 
