@@ -53,6 +53,9 @@ PORT        ?= 8000
 SERVE_PRESET ?= serve/$(FLAVOUR).yaml
 SERVE_ARGS  ?=
 CAPTIONS    ?= $(RUNS)/captions.jsonl
+# make caption: CAPTION_ENGINE=ray runs it on Ray Data (a local instance, or RAY_ADDRESS's cluster).
+CAPTION_ENGINE ?= local
+CAPTION_ARGS ?=
 # Evaluation: the stage 2 checkpoint of CONNECTOR on the held-out synthetic splits (EVAL_ENGINE=hf: transformers;
 # EVAL_BARS=stages/eval_bars.yaml: fail when a slice is below its minimum; EVAL_ARGS="--limit 200").
 EVAL_CKPT   ?= $(RUNS)/$(CONNECTOR)/$(STAGE2)/final
@@ -61,7 +64,7 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench reliability reliability-train reliability-caption load eval eval-suites
 
 help:
 	@echo "make demo    data, stage 0 tower, lm, base checkpoints (all connectors), stage 1/2, eval: pass/fail + timings"
@@ -74,7 +77,8 @@ help:
 	@echo "make eval    vqa + caption + pope on the held-out split for EVAL_CKPT -> EVAL_DIR/*.json, *.html"
 	@echo "make eval-suites  install lmms-eval (no-deps; see vlm/eval/README.md) for the --model vlm adapter"
 	@echo "make serve   OpenAI-compatible server (vLLM) on 127.0.0.1:\$$PORT for SERVE_CKPT (SERVE_ARGS=--api-key ...)"
-	@echo "make caption caption the synthetic eval images into CAPTIONS (resumable)"
+	@echo "make caption caption the synthetic eval images into CAPTIONS (resumable; CAPTION_ENGINE=ray: on Ray Data)"
+	@echo "make bench-caption  vlm caption --engine ray vs the single-process engine, images/s side by side"
 	@echo "make bench-serve  vLLM vs transformers serving throughput -> BENCHMARKS.md"
 	@echo "make bench   performance suite (training step, feature cache, serving, token budget) -> BENCHMARKS.md"
 	@echo "make reliability  SIGKILLed training/captioning, full disk, server load (LOAD_C, LOAD_S) -> RELIABILITY.md"
@@ -229,7 +233,10 @@ serve: $(STAMP) $(SERVE_CKPT)/config.json
 	$(BIN)/vlm serve $(SERVE_CKPT) --config $(SERVE_PRESET) --port $(PORT) $(SERVE_ARGS)
 
 caption: $(STAMP) data $(SERVE_CKPT)/config.json
-	$(BIN)/vlm caption $(SERVE_CKPT) --images $(DATA)/images/eval --out $(CAPTIONS)
+	$(BIN)/vlm caption $(SERVE_CKPT) --images $(DATA)/images/eval --out $(CAPTIONS) --engine $(CAPTION_ENGINE) $(CAPTION_ARGS)
+
+bench-caption: $(STAMP) data $(SERVE_CKPT)/config.json
+	$(BIN)/python bench/caption_engines.py $(SERVE_CKPT) $(DATA)/images/eval
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve_throughput.py

@@ -127,12 +127,13 @@ def test_an_actor_killed_mid_run_loses_and_repeats_nothing(cluster, images, refe
     cmd = _caption_cmd(ckpt, out, "--images", images / "images", "--engine", "ray", "--ray-address", cluster)
     log = (images / "ray.log").open("w")
     job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    killed = None
+    killed, written_at_kill = None, 0
     try:
         deadline = time.monotonic() + 400
         while job.poll() is None and time.monotonic() < deadline and not killed:
-            if len(_lines(out)) >= 8 and len(actors := _engine_actors()) == 2:  # both engines up, work left
-                killed = actors[0]
+            written = len(_lines(out))
+            if written >= 8 and len(actors := _engine_actors()) == 2:  # results flow, and work is left
+                killed, written_at_kill = actors[0], written
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
         job.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -140,8 +141,7 @@ def test_an_actor_killed_mid_run_loses_and_repeats_nothing(cluster, images, refe
         job.kill()
     text = (images / "ray.log").read_text()
     assert job.returncode == 0, text[-4000:]
-    assert killed is not None, "the kill did not land mid-run"
-    assert len(_lines(out)) < N_GOOD or "captioned" in text
+    assert killed is not None and written_at_kill < N_GOOD, "the kill did not land mid-run"
 
     records = _lines(out)
     ids = [r["id"] for r in records]
