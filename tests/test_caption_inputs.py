@@ -42,7 +42,7 @@ def _images(n, start=0):
 
 
 def _entries(kind, location, column=None):
-    return [e for unit in INPUT_KINDS[kind].units(str(location)) for e in expand(unit, column)]
+    return [e for unit in INPUT_KINDS[kind].units(str(location), column) for e in expand(unit, column)]
 
 
 def _tar(path, members):
@@ -69,7 +69,7 @@ def test_parquet_bytes_paths_and_the_datasets_image_struct(tmp_path):
         (content_id(data[1]), f"{root}/bytes.parquet#row=0"),
         (content_id(data[2]), f"{root}/bytes.parquet#row=1"),
     ]
-    assert len(INPUT_KINDS["parquet"].units(str(root / "bytes.parquet"))) == 2  # a task per row group
+    assert len(INPUT_KINDS["parquet"].units(str(root / "bytes.parquet"), None)) == 2  # a task per row group
     [by_path] = _entries("parquet", root / "paths.parquet")
     assert by_path.id == image_key(str(root / "img" / "a.png")) and by_path.data is None
     hf = _entries("parquet", tmp_path / "hf.parquet", column="img")
@@ -157,3 +157,16 @@ def test_a_parquet_run_killed_before_its_fold_is_folded_in_by_the_next(tmp_path,
     assert _run(tmp_path, "--parquet", tmp_path / "in.parquet", "--out", out) == 0
     rows = {r["id"]: r["caption"] for r in pq.read_table(out).to_pylist()}
     assert len(rows) == 4 and rows[content_id(data[0])] == "staged before a kill" and len(stand_in) == 3
+
+
+def test_bad_inputs_are_refused_up_front_in_one_line_naming_the_file(tmp_path, stand_in, capsys):
+    pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "in.parquet")
+    out = tmp_path / "captions.jsonl"
+    assert _run(tmp_path, "--parquet", tmp_path / "in.parquet", "--out", out) == 2
+    assert f"error: {tmp_path}/in.parquet: no image column among pixels" in capsys.readouterr().err
+    assert _run(tmp_path, "--webdataset", tmp_path / "none", "--out", out) == 2
+    assert "none: no such file or directory" in capsys.readouterr().err
+    (tmp_path / "in.tar").write_bytes(b"")
+    assert _run(tmp_path, "--webdataset", tmp_path / "in.tar", "--engine", "ray", "--shard", "0/2", "--out", out) == 2
+    assert "--shard is for --engine local" in capsys.readouterr().err
+    assert not out.exists() and not stand_in

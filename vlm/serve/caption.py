@@ -124,7 +124,7 @@ def make_plan(args, done: set[str], failed_before: set[str]) -> Plan:
     kind, location = input_kind(args)
     index, count = args.shard
     if INPUT_KINDS[kind].embedded:
-        return _embedded_plan(kind, location, args.shard, done | failed_before)
+        return _embedded_plan(kind, location, args, done | failed_before)
     root = listing_root(kind, location)
     unique, repeated = unique_images(
         list_directory(location) if kind == "images" else list_manifest(location)
@@ -143,8 +143,12 @@ def make_plan(args, done: set[str], failed_before: set[str]) -> Plan:
     return Plan(units, todo, lambda entry: True, len(todo))
 
 
-def _embedded_plan(kind: str, location: str, shard: tuple[int, int], skip: set[str]) -> Plan:
-    units, root = INPUT_KINDS[kind].units(location), listing_root(kind, location)
+def _embedded_plan(kind: str, location: str, args, skip: set[str]) -> Plan:
+    units, root, shard = (
+        INPUT_KINDS[kind].units(location, args.image_column),
+        listing_root(kind, location),
+        args.shard,
+    )
     log.info(
         "%s %s: %d parts to read; %d images captioned or failed before", kind, location, len(units), len(skip)
     )
@@ -293,6 +297,8 @@ def caption_local(args, plan: Plan, store: CaptionStore) -> Progress:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray" and args.shard != (0, 1):
+        raise ValueError("--shard is for --engine local: --engine ray spreads the work over the cluster itself")
     out = Path(args.out)
     store = CaptionStore(out, Path(args.errors) if args.errors else out.with_name(out.name + ".errors.jsonl"))
     if args.retry_errors:

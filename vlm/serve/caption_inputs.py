@@ -165,15 +165,17 @@ def expand_paths(unit: Unit, column: str | None = None) -> Iterator[Entry]:
 
 
 # -- Parquet ---------------------------------------------------------------------------------------------------------
-def parquet_units(location: str) -> list[Unit]:
+def parquet_units(location: str, column: str | None = None) -> list[Unit]:
+    """A unit per row group; each file's image column is found (or refused, naming the file) here, up front."""
     import pyarrow.parquet as pq
 
     units = []
     for path in expand_files(location, (".parquet",)):
         fs, inner = _fs(path)
         with fs.open(inner, "rb") as f:
-            groups = pq.ParquetFile(f).num_row_groups
-        units += [Unit("parquet", path, part=g) for g in range(groups)]
+            parquet = pq.ParquetFile(f)
+            image_column(parquet.schema_arrow, path, column)
+        units += [Unit("parquet", path, part=g) for g in range(parquet.num_row_groups)]
     return units
 
 
@@ -220,7 +222,7 @@ def _parquet_entry(value, where: str, base: str, column: str) -> Entry:
 
 
 # -- WebDataset --------------------------------------------------------------------------------------------------------
-def tar_units(location: str) -> list[Unit]:
+def tar_units(location: str, column: str | None = None) -> list[Unit]:
     return [Unit("webdataset", path) for path in expand_files(location, (".tar",))]
 
 
@@ -247,14 +249,16 @@ def expand_tar(unit: Unit, column: str | None = None) -> Iterator[Entry]:
 # -- the registry ------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class InputKind:
-    units: Callable[[str], list[Unit]]
+    units: Callable[[str, str | None], list[Unit]]  # (location, Parquet's image column)
     expand: Callable[[Unit, str | None], Iterator[Entry]]  # column: Parquet's image column (None: detect)
     embedded: bool  # ids come from the bytes (read to know them), not from paths
 
 
 INPUT_KINDS: dict[str, InputKind] = {
-    "images": InputKind(lambda loc: path_units("images", loc, list_directory(loc)), expand_paths, False),
-    "manifest": InputKind(lambda loc: path_units("manifest", loc, list_manifest(loc)), expand_paths, False),
+    "images": InputKind(lambda loc, _: path_units("images", loc, list_directory(loc)), expand_paths, False),
+    "manifest": InputKind(
+        lambda loc, _: path_units("manifest", loc, list_manifest(loc)), expand_paths, False
+    ),
     "parquet": InputKind(parquet_units, expand_parquet, True),
     "webdataset": InputKind(tar_units, expand_tar, True),
 }
