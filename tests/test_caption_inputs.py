@@ -167,6 +167,40 @@ def test_bad_inputs_are_refused_up_front_in_one_line_naming_the_file(tmp_path, s
     assert _run(tmp_path, "--webdataset", tmp_path / "none", "--out", out) == 2
     assert "none: no such file or directory" in capsys.readouterr().err
     (tmp_path / "in.tar").write_bytes(b"")
-    assert _run(tmp_path, "--webdataset", tmp_path / "in.tar", "--engine", "ray", "--shard", "0/2", "--out", out) == 2
+    assert (
+        _run(tmp_path, "--webdataset", tmp_path / "in.tar", "--engine", "ray", "--shard", "0/2", "--out", out)
+        == 2
+    )
     assert "--shard is for --engine local" in capsys.readouterr().err
     assert not out.exists() and not stand_in
+
+
+def test_http_urls_go_through_the_guard_fetch_refused_for_private_addresses_unless_allowed(
+    tmp_path, stand_in
+):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.png").write_bytes(_images(1)[0])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        (tmp_path / "urls.txt").write_text(f"{url}/a.png\n{url}/missing.png\n")
+        out, errors = tmp_path / "captions.jsonl", tmp_path / "captions.jsonl.errors.jsonl"
+        assert _run(tmp_path, "--manifest", tmp_path / "urls.txt", "--out", out) == 0
+        failed = [json.loads(line) for line in errors.read_text().splitlines()]
+        assert [(e["id"], e["cause"]) for e in failed] == [(f"{url}/a.png", "refused URL"), (f"{url}/missing.png", "refused URL")]  # fmt: skip
+        assert "non-public address 127.0.0.1; refused" in failed[0]["error"] and not stand_in
+
+        run = ["--manifest", tmp_path / "urls.txt", "--out", out, "--retry-errors", "--allow-private-urls"]
+        assert _run(tmp_path, *run) == 0
+        [line] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert line["id"] == f"{url}/a.png" and line["caption"] == "a 16x16 image"
+        [error] = [json.loads(line) for line in errors.read_text().splitlines()]
+        assert error["cause"] == "fetch failed" and "HTTP 404" in error["error"]
+    finally:
+        server.shutdown()

@@ -176,11 +176,15 @@ def entries(plan: Plan, column: str | None) -> Iterator[Entry]:
 
 
 # -- loading and captioning ------------------------------------------------------------------------------------
-def failure_cause(err: Exception) -> str:
+def failure_cause(err: Exception, fetching: bool) -> str:
     if isinstance(err, FileNotFoundError):
         return "missing"
     if isinstance(err, MediaError):
-        return "too large" if err.status == 413 else "not a readable image"
+        if err.status == 413:
+            return "too large"
+        if fetching:
+            return "refused URL" if err.status == 403 else "fetch failed"
+        return "not a readable image"
     return "unreadable"
 
 
@@ -188,11 +192,18 @@ def load(entry: Entry, policy: MediaPolicy) -> tuple[dict, Image.Image | None]:
     """(the line's identity: id, source, sha256 when readable; the decoded image, or None with "error" set)."""
     record = {"id": entry.id, "source": entry.source}
     try:
-        data = load_entry(entry)
-        record["sha256"] = hashlib.sha256(data).hexdigest()
+        data = load_entry(entry, policy)
+    except (MediaError, OSError) as err:
+        return {**record, "error": str(err), "cause": failure_cause(err, fetching=True)}, None
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
         return record, decode_image(data, policy, what=entry.source).convert("RGB")
     except (MediaError, OSError) as err:
-        return {**record, "error": str(err), "cause": failure_cause(err)}, None
+        return {**record, "error": str(err), "cause": failure_cause(err, fetching=False)}, None
+
+
+def media_policy(args) -> MediaPolicy:
+    return MediaPolicy(max_image_pixels=args.max_image_pixels, allow_private_urls=args.allow_private_urls)
 
 
 def generation_settings(args) -> dict:
@@ -282,7 +293,7 @@ class Progress:
 
 def caption_local(args, plan: Plan, store: CaptionStore) -> Progress:
     """Caption in this process, batch by batch, writing each batch before the next starts."""
-    policy = MediaPolicy(max_image_pixels=args.max_image_pixels)
+    policy = media_policy(args)
     progress, generate = Progress(plan.total), None
     for batch in batched(entries(plan, args.image_column), args.batch_size):
         loaded = [load(entry, policy) for entry in batch]
@@ -298,7 +309,9 @@ def caption_local(args, plan: Plan, store: CaptionStore) -> Progress:
 
 def run(args: argparse.Namespace) -> int:
     if args.engine == "ray" and args.shard != (0, 1):
-        raise ValueError("--shard is for --engine local: --engine ray spreads the work over the cluster itself")
+        raise ValueError(
+            "--shard is for --engine local: --engine ray spreads the work over the cluster itself"
+        )
     out = Path(args.out)
     store = CaptionStore(out, Path(args.errors) if args.errors else out.with_name(out.name + ".errors.jsonl"))
     if args.retry_errors:
@@ -369,6 +382,11 @@ def add_caption_parser(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     p.add_argument("--max-image-pixels", type=int, default=MediaPolicy.max_image_pixels)
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch http(s) images from loopback/private addresses too (refused by default, as in vlm serve)",
+    )
     # As `vlm -v caption`; SUPPRESS keeps the subcommand's default from resetting a global -v.
     p.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="vLLM's INFO logs too"

@@ -5,6 +5,7 @@ Both engines (one process, and Ray) read through this module, so they see the sa
 - Listed by path (a directory, a manifest, a Parquet column of paths): the id is the resolved path (symlinks, `.`
   and `..` resolved) for a local file and the URL as fsspec spells it otherwise. It is known before the file is
   read, so a rerun skips done images without opening them.
+  An http(s) URL is fetched through the server guard's checks (no private addresses unless allowed).
 - Embedded (Parquet bytes, WebDataset members): the id is "sha256:" and the hash of the bytes, so the same image
   stored twice is captioned once, and a rerun skips it after reading it (never after captioning it).
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..constants import IMAGE_SUFFIXES
+from .media import MediaPolicy, fetch_url
 
 PATHS_PER_UNIT = 256  # a read task's share of a path listing (`vlm caption` uses its --batch-size)
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "bytes", "path", "image_path")
@@ -60,8 +62,14 @@ def _fs(location: str):
     return fsspec.core.url_to_fs(location)
 
 
+def is_http(location: str) -> bool:
+    return location.lower().startswith(("http://", "https://"))
+
+
 def image_key(path: str) -> str:
     """One id per file whatever the spelling: the real path locally (file:// included), the URL otherwise."""
+    if is_http(path):
+        return path
     if is_url(path):
         fs, inner = _fs(path)
         if _is_local(fs):
@@ -268,5 +276,9 @@ def expand(unit: Unit, column: str | None = None) -> Iterator[Entry]:
     return INPUT_KINDS[unit.kind].expand(unit, column)
 
 
-def load_entry(entry: Entry) -> bytes:
-    return entry.data if entry.data is not None else read_bytes(entry.path)
+def load_entry(entry: Entry, policy: MediaPolicy) -> bytes:
+    """The entry's bytes. An http(s) URL goes through the server guard's fetch (media.fetch_url): non-public
+    addresses are refused unless the policy allows them, redirects are vetted, and the size is capped."""
+    if entry.data is not None:
+        return entry.data
+    return fetch_url(entry.path, policy) if is_http(entry.path) else read_bytes(entry.path)

@@ -28,7 +28,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .caption import Plan, Progress, caption_records, load, start_engine
+from .caption import Plan, Progress, caption_records, load, media_policy, start_engine
 from .caption_inputs import Unit, expand
 from .caption_store import CaptionStore
 from .media import MediaPolicy
@@ -38,13 +38,13 @@ log = logging.getLogger(__name__)
 RESULT_FIELDS = ("id", "source", "sha256", "error", "cause")
 
 
-def read_unit(row: dict, units, skip, column: str | None, max_image_pixels: int) -> list[dict]:
+def read_unit(row: dict, units, skip, column: str | None, policy: MediaPolicy) -> list[dict]:
     """One unit's images, decoded: rows with the pixels, or with "error" and "cause" set."""
     import ray
 
     units, skip = (ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (units, skip))
     unit: Unit = units[row["id"]]
-    policy, rows = MediaPolicy(max_image_pixels=max_image_pixels), []
+    rows = []
     for entry in expand(unit, column):
         if entry.id in skip:
             continue
@@ -135,7 +135,7 @@ def caption_ray(args, plan: Plan, store: CaptionStore) -> Progress:
             "units": ray.put(plan.units),
             "skip": ray.put(skip),
             "column": args.image_column,
-            "max_image_pixels": args.max_image_pixels,
+            "policy": media_policy(args),
         },
     )
     ds = ds.map_batches(
