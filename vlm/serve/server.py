@@ -17,6 +17,7 @@ from pathlib import Path
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
+MEDIA_CONNECTOR = "vlm-vetted"  # vlm.serve.engine.media.CONNECTOR_NAME (that module imports vLLM)
 
 
 def _is_loopback(host: str) -> bool:
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         api_key_sha256=[key_digest(k) for k in api_keys(args)],
         max_images=args.max_images,
         image_token_id=json.loads((checkpoint / "config.json").read_text()).get("image_token_index"),
+        hand_off_images=True,
         policy=MediaPolicy(
             max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes,
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     os.environ[ENV_VAR] = guard.to_env()
+    # vLLM's chat parser loads images through our connector (vlm/serve/engine/media.py): it takes the images
+    # the guard decoded instead of decoding them again, and fetches nothing.
+    os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_CONNECTOR
     if not _is_loopback(args.host) and not guard.api_key_sha256:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
 
