@@ -1,6 +1,6 @@
 """Where one image request spends its time, part by part, and what the request guard costs under load.
 
-    python bench/request_path.py profile [--checkpoint DIR] [--max-tokens 16]
+    OMP_NUM_THREADS=1 python bench/request_path.py profile [--checkpoint DIR] [--max-tokens 16]
     python bench/request_path.py load [--checkpoint DIR] [--concurrency 32] [--requests 96] [--rounds 2]
 
 `profile` runs, in this one process and under cProfile, what the API server and the engine do for one chat
@@ -8,7 +8,8 @@ request with a 640x480 JPEG: the guard on the raw body (JSON parse, image decode
 re-serialization), then vLLM's `LLM.chat` on the body the guard forwards, with the engine core in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the encoder, prefill, decode steps and detokenization are profiled too.
 The model's forward calls are timed one by one (the first is the prefill). With `PYTHONPATH` pointing at another
-checkout it profiles that checkout's guard, which is how the "before" column was measured.
+checkout it profiles that checkout's guard, which is how the "before" column was measured. One OpenMP thread keeps
+the engine rows steady on a shared machine.
 
 `load` starts `vlm serve CKPT` (its default caches) and sends rounds of streaming image requests at the given
 concurrency; it prints the client's TTFT and end-to-end latency and, from the server's /metrics, the guard's
