@@ -58,3 +58,32 @@ def test_a_bad_preset_is_one_line_naming_the_file(tmp_path, capsys, text, messag
 def test_a_missing_preset_is_named(tmp_path, capsys):
     assert main(["serve", "ckpt", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_the_presets_turn_the_caches_on(preset):
+    from vlm.serve.server import vllm_server_argv
+
+    args = parse_args(["serve", "ckpt", "--config", str(ROOT / f"serve/{preset}.yaml")])
+    argv = vllm_server_argv(args, "m")
+    assert "--enable-prefix-caching" in argv and "--enable-chunked-prefill" in argv
+    assert argv[argv.index("--mm-processor-cache-gb") + 1] == "4.0"
+
+
+@pytest.mark.vllm
+def test_vllm_reads_the_cache_flags_as_meant():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vlm.serve.server import vllm_server_argv
+
+    args = parse_args(
+        ["serve", "ckpt", "--no-prefix-caching", "--no-chunked-prefill", "--mm-processor-cache-gb=0"]
+    )
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_server_argv(args, "m"))
+    assert parsed.enable_prefix_caching is False and parsed.enable_chunked_prefill is False
+    assert parsed.mm_processor_cache_gb == 0
+    args = parse_args(["serve", "ckpt"])
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_server_argv(args, "m"))
+    assert parsed.enable_prefix_caching is True and parsed.enable_chunked_prefill is True
+    assert parsed.mm_processor_cache_gb == 4

@@ -139,6 +139,15 @@ def to_data_url(data: bytes, image: Image.Image) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def is_canonical_data_url(url: str, data: bytes) -> bool:
+    """Whether `url` is exactly the `data:` URL to_data_url would write for these (already decoded) bytes."""
+    fmt = sniff_format(data)
+    if fmt not in FORMATS or not url.startswith(f"data:{FORMATS[fmt][0]};base64,"):
+        return False
+    # Same bytes, same length: base64 is canonical unless the payload has padding the decoder ignored.
+    return len(url) - url.index(",") - 1 == 4 * ((len(data) + 2) // 3)
+
+
 def read_local(path: str | Path, policy: MediaPolicy) -> bytes:
     """A local file, only when it resolves (symlinks and `..` included) inside the allowed directory."""
     root = policy.allowed_local_media_path

@@ -17,6 +17,7 @@ from pathlib import Path
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
+MEDIA_CONNECTOR = "vlm-vetted"  # vlm.serve.engine.media.CONNECTOR_NAME (that module imports vLLM)
 
 
 def _is_loopback(host: str) -> bool:
@@ -41,6 +42,10 @@ def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
     ]  # fmt: skip
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    # The caches, spelled out rather than left to vLLM's defaults (tests/test_serve_caches.py: correct with images).
+    argv.append("--enable-prefix-caching" if args.prefix_caching else "--no-enable-prefix-caching")
+    argv.append("--enable-chunked-prefill" if args.chunked_prefill else "--no-enable-chunked-prefill")
+    argv += ["--mm-processor-cache-gb", str(args.mm_processor_cache_gb)]
     # No --api-key for vLLM: the guard checks the key on every route, and vLLM would log its arguments.
     if args.enforce_eager:
         argv.append("--enforce-eager")
@@ -65,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         api_key_sha256=[key_digest(k) for k in api_keys(args)],
         max_images=args.max_images,
         image_token_id=json.loads((checkpoint / "config.json").read_text()).get("image_token_index"),
+        hand_off_images=True,
         policy=MediaPolicy(
             max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes,
@@ -73,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     os.environ[ENV_VAR] = guard.to_env()
+    # vLLM's chat parser loads images through our connector (vlm/serve/engine/media.py): it takes the images
+    # the guard decoded instead of decoding them again, and fetches nothing.
+    os.environ["VLLM_MEDIA_CONNECTOR"] = MEDIA_CONNECTOR
     if not _is_loopback(args.host) and not guard.api_key_sha256:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", args.host)
 
@@ -152,6 +161,24 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the LLM's)")
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of shared prompt prefixes (images are part of the key)",
+    )
+    p.add_argument(
+        "--mm-processor-cache-gb",
+        type=float,
+        default=4.0,
+        help="GiB of processed images kept, so a repeated image skips the image processor (0: off)",
+    )
+    p.add_argument(
+        "--chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split long prefills across steps, so decodes of running requests keep flowing",
+    )
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=MediaPolicy.max_image_pixels)
     p.add_argument("--max-image-bytes", type=int, default=MediaPolicy.max_image_bytes)

@@ -52,6 +52,8 @@ def register() -> None:
 
     register_auto_classes()
     _quiet_weight_dtype_warnings()
+    from . import media  # noqa: F401  registers the media connector `vlm serve` selects (VLLM_MEDIA_CONNECTOR)
+
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # The string form is imported lazily, in the process that builds the model.
         ModelRegistry.register_model(ARCHITECTURE, _MODEL_CLASS)
