@@ -27,7 +27,6 @@ import json
 import os
 import pstats
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from serve_throughput import free_port, launch  # noqa: F401  (free_port: serve_caches.py imports it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = ROOT / "checkpoints" / "base-mlp"
@@ -190,26 +191,10 @@ def profile(args) -> None:
 
 
 # -- load: guard share of TTFT on a live server --------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(ckpt: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlm.cli", "serve", str(ckpt), "--port", str(port), "--dtype", "float32"]
     cmd += ["--max-images", "1", "--served-model-name", "m", "--vllm-arg=--max-num-seqs=32", *extra]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("server did not start")
+    return launch(cmd, port, log)
 
 
 def stop(proc: subprocess.Popen) -> None:

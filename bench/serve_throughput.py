@@ -145,6 +145,11 @@ def start_server(ckpt: str, port: int, log_path: Path, extra: tuple[str, ...] = 
         "--vllm-arg=--mm-processor-cache-gb=0",
     ]
     cmd += ["--vllm-arg=--max-num-seqs=32"]
+    return launch(cmd, port, log_path)
+
+
+def launch(cmd: list[str], port: int, log_path: Path) -> subprocess.Popen:
+    """Start `vlm serve` (cmd) with its output in log_path; return once /health answers."""
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
