@@ -131,7 +131,8 @@ def make_plan(args, done: set[str], failed_before: set[str]) -> Plan:
     )
     mine = {key: path for key, path in unique.items() if shard_of(key, root, count) == index}
     repeated = {key: names for key, names in repeated.items() if key in mine}
-    todo = [Entry(key, path, path=path) for key, path in mine.items() if key not in done | failed_before]
+    skip = done | failed_before
+    todo = [Entry(key, path, path=path) for key, path in mine.items() if key not in skip]
     log.info(
         "%d images in shard %d/%d (%d in all): %d already captioned, %d failed before, %d to do",
         len(mine), index, count, len(unique), len(done & mine.keys()), len(failed_before & mine.keys()), len(todo),
