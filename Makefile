@@ -68,7 +68,7 @@ EVAL_ARGS   ?=
 
 help:
 	@echo "make demo    data, stage 0 tower, lm, base checkpoints (all connectors), stage 1/2, eval: pass/fail + timings"
-	@echo "make test    the whole test suite (CPU, ~30-40 min; what CI runs)"
+	@echo "make test    the whole test suite (CPU, ~35-45 min; what CI runs)"
 	@echo "make test-fast  the unmarked tier: no slow/vllm/deepspeed/gpu tests (~3.5 min)"
 	@echo "make stage0  contrastive image+text towers on captions (stages/stage0.yaml -> runs/stage0/final, cached)"
 	@echo "make lm      language pretraining of the tiny LLM on text (stages/lm.yaml -> runs/lm/final, cached)"
