@@ -3,6 +3,7 @@ Parquet output; whole runs with a stand-in engine (the real engine's runs are in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -127,6 +128,7 @@ def test_parquet_and_webdataset_runs_caption_each_image_once_and_resume(tmp_path
     assert _run(tmp_path, "--parquet", tmp_path / "in.parquet", "--out", out) == 0
     rows = pq.read_table(out).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(content_id(d) for d in data[:4])  # the copy: once
+    assert {r["sha256"] for r in rows} == {hashlib.sha256(d).hexdigest() for d in data[:4]}
     assert {r["generation"]["max_tokens"] for r in rows} == {64} and rows[0][
         "prompt"
     ] == "Describe the image."

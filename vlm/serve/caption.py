@@ -196,7 +196,9 @@ def load(entry: Entry, policy: MediaPolicy) -> tuple[dict, Image.Image | None]:
         data = load_entry(entry, policy)
     except (MediaError, OSError) as err:
         return {**record, "error": str(err), "cause": failure_cause(err, fetching=True)}, None
-    record["sha256"] = hashlib.sha256(data).hexdigest()
+    # An embedded image's id already is its hash: not hashed twice.
+    known = entry.id.removeprefix("sha256:") if entry.data is not None else None
+    record["sha256"] = known or hashlib.sha256(data).hexdigest()
     try:
         return record, decode_image(data, policy, what=entry.source).convert("RGB")
     except (MediaError, OSError) as err:
