@@ -22,21 +22,29 @@ from dataclasses import dataclass
 GB = 1e9
 
 
-def matmul_gflops(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
+def matmul_gflops(dtype_name: str, seconds: float = 1.0) -> float:
+    """Square matmuls of the largest size (512-4096) one of which takes under a tenth of `seconds`: bf16 on a
+    CPU without bf16 instructions runs at a few GFLOP/s, where a 2048 matmul alone would take many seconds."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        reps += 1
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    n, rate = 512, None
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)  # warm-up
+        sync()
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 4 or reps == 0:
+            torch.mm(a, b)
+            reps += 1
+        sync()
+        rate = 2 * n**3 * reps / (time.perf_counter() - t0)
+        if n >= 4096 or 2 * (2 * n) ** 3 / rate > seconds / 10:
+            return rate / 1e9
+        n *= 2
 
 
 def copy_gbps(mib: int = 512, threads: int | None = None, repeats: int = 5) -> float:

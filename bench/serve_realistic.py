@@ -284,24 +284,44 @@ def set_max_batch(base: str, size: int) -> None:
     urllib.request.urlopen(request, timeout=10).close()
 
 
-def run_system(system: str, ckpt: Path, requests: list[Request], args, log_dir: Path) -> dict:
+def loads_of(args) -> list[tuple[str, float]]:
+    closed = [("closed", float(c)) for c in args.concurrency.split(",") if c]
+    return closed + [("poisson", float(r)) for r in args.rates.split(",") if r]
+
+
+def split_workload(requests: list[Request], args) -> tuple[list[Request], dict]:
+    """(warm-up requests, {load: its own requests}): no two loads share a request, so no load finds another's
+    images or prompts in vLLM's caches (the workload has no repeats; serve_caches.py measures those)."""
+    warm, rest = requests[: args.warmup], requests[args.warmup :]
+    sets = {}
+    for load in loads_of(args):
+        n = args.requests_c1 if load == ("closed", 1.0) else args.requests
+        sets[load], rest = rest[:n], rest[n:]
+    return warm, sets
+
+
+def workload_size(args) -> int:
+    return args.warmup + sum(
+        args.requests_c1 if x == ("closed", 1.0) else args.requests for x in loads_of(args)
+    )
+
+
+def run_system(system: str, ckpt: Path, warm: list[Request], sets: dict, args, log_dir: Path) -> dict:
     """Every load for one system on one server: a warm-up, the closed-loop levels, then the open-loop rates."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [int(level) for kind, level in sets if kind == "closed"] or [1]
     print(f"{SYSTEM_NAMES[system]}: starting", flush=True)
     proc = start_system(system, ckpt, args, port, log_dir / f"{system}.log", max(levels))
     slo = (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
     out = {}
     try:
-        warm = requests[: min(len(requests), args.warmup)]
-        asyncio.run(closed_loop(base, warm, len(warm)))
-        loads = [("closed", c) for c in levels] + [("poisson", float(r)) for r in args.rates.split(",") if r]
-        for kind, level in loads:
+        if warm:
+            asyncio.run(closed_loop(base, warm, len(warm)))
+        for (kind, level), work in sets.items():
             if system == "b":  # static batches up to the concurrency; open loop: the largest level
                 set_max_batch(base, int(level) if kind == "closed" else max(levels))
-            n = min(len(requests), args.requests_c1) if (kind, level) == ("closed", 1) else len(requests)
-            work = requests[:n]
+            n = len(work)
             t0 = time.perf_counter()
             if kind == "closed":
                 results, elapsed = asyncio.run(closed_loop(base, work, int(level)))
@@ -368,12 +388,8 @@ def ratio_table(results: dict[str, dict]) -> list[str]:
     return rows
 
 
-def roofline_table(
-    results: dict[str, dict], requests: list[Request], cost, machine_: dict, dtype: str
-) -> list[str]:
+def roofline_table(results: dict[str, dict], sets: dict, cost, machine_: dict, dtype: str) -> list[str]:
     gflops = machine_["bf16_gflops" if dtype == "bfloat16" else "fp32_gflops"]
-    prompts = [r.prompt_tokens for r in requests]
-    context = sum(prompts) / len(prompts)
     rows = [
         "| load | system | output tok/s | workload bound tok/s | share | decode batch | decode tok/s "
         "(batch / TPOT p50) | decode bound tok/s | share |",
@@ -383,11 +399,13 @@ def roofline_table(
         for (kind, level), s in by_load.items():
             if kind != "closed":
                 continue
-            outputs = [max(1, round(s["tokens"] / s["n"]))] * s["n"]
-            bound = roofline.workload_bound(cost, machine_, gflops, prompts[: s["n"]], outputs, int(level))
+            prompts = [r.prompt_tokens for r in sets[(kind, level)]]
+            outputs = [max(1, round(s["tokens"] / s["n"]))] * s["n"]  # what was generated, on average
+            bound = roofline.workload_bound(cost, machine_, gflops, prompts, outputs, int(level))
             batch = 1 if system == "a" else int(level)
             decode = batch / s["tpot_p50"] if s["tpot_p50"] == s["tpot_p50"] and s["tpot_p50"] > 0 else 0.0
-            dbound = roofline.decode_bound(cost, machine_, gflops, batch, context + outputs[0] / 2)
+            context = sum(prompts) / len(prompts) + outputs[0] / 2
+            dbound = roofline.decode_bound(cost, machine_, gflops, batch, context)
             rows.append(
                 f"| {load_name(kind, level)} | {SYSTEM_NAMES[system]} | {s['tok_s']:.1f} | {bound:.0f} | "
                 f"{100 * s['tok_s'] / bound:.0f}% | {batch} | {decode:.0f} | {dbound:.0f} | "
@@ -482,21 +500,22 @@ def main() -> int:
         f"{args.slo_tpot_ms:g} ms.",
     ]
     if machine_:
-        md.append(f"Machine limits (bench/roofline.py): matmul {machine_['fp32_gflops']:.0f} GFLOP/s fp32, "
-                  f"{machine_['bf16_gflops']:.0f} bf16; copy {machine_['copy_gbps']:.1f} GB/s (all threads), "
+        md.append(f"Machine limits (bench/roofline.py): matmul {machine_['fp32_gflops']:.3g} GFLOP/s fp32, "
+                  f"{machine_['bf16_gflops']:.3g} bf16; copy {machine_['copy_gbps']:.1f} GB/s (all threads), "
                   f"{machine_['copy_gbps_1thread']:.1f} GB/s (one thread).")  # fmt: skip
     for ckpt in ckpts:
-        requests = workload(ckpt, args.requests, args.seed, args.scale, args.median_tokens)
-        results = {s: run_system(s, ckpt, requests, args, log_dir) for s in systems}
+        requests = workload(ckpt, workload_size(args), args.seed, args.scale, args.median_tokens)
+        warm, sets = split_workload(requests, args)
+        results = {s: run_system(s, ckpt, warm, sets, args, log_dir) for s in systems}
         cost = roofline.model_cost(str(ckpt), args.dtype)
         md += ["", f"**{ckpt.name}** ({cost.llm_params / 1e6:.1f}M LLM + {cost.tower_params / 1e6:.1f}M tower "
                f"parameters, {cost.image_tokens} image tokens). {describe_workload(requests, args.scale, args.median_tokens)}",
                "", *results_table(results), "", *ratio_table(results), "", *goals(results, args.scale, top)]  # fmt: skip
         if machine_:
-            md += ["", f"Roofline ({cost.weight_bytes / 1e6:.0f} MB of weights read per decode step, "
-                   f"{cost.flops_per_token / 1e9:.2f} GFLOP per token, {cost.flops_per_image / 1e9:.1f} GFLOP per "
+            md += ["", f"Roofline ({cost.weight_bytes / 1e6:.3g} MB of weights read per decode step, "
+                   f"{cost.flops_per_token / 1e9:.3g} GFLOP per token, {cost.flops_per_image / 1e9:.3g} GFLOP per "
                    f"image, {cost.kv_bytes_per_token / 1e3:.1f} KB of KV per token):",
-                   "", *roofline_table(results, requests, cost, machine_, args.dtype)]  # fmt: skip
+                   "", *roofline_table(results, sets, cost, machine_, args.dtype)]  # fmt: skip
     text = "\n".join(md)
     print("\n" + text)
     if args.out:
