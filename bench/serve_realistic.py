@@ -346,6 +346,10 @@ def host() -> str:
 
 
 # -- report ------------------------------------------------------------------------------------------------------
+def num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
@@ -408,8 +412,8 @@ def roofline_table(results: dict[str, dict], sets: dict, cost, machine_: dict, d
             context = sum(prompts) / len(prompts) + outputs[0] / 2
             dbound = roofline.decode_bound(cost, machine_, gflops, batch, context)
             rows.append(
-                f"| {load_name(kind, level)} | {SYSTEM_NAMES[system]} | {s['tok_s']:.1f} | {bound:.0f} | "
-                f"{100 * s['tok_s'] / bound:.0f}% | {batch} | {decode:.0f} | {dbound:.0f} | "
+                f"| {load_name(kind, level)} | {SYSTEM_NAMES[system]} | {s['tok_s']:.1f} | {num(bound)} | "
+                f"{100 * s['tok_s'] / bound:.0f}% | {batch} | {num(decode)} | {num(dbound)} | "
                 f"{100 * decode / dbound:.0f}% |"
             )
     return rows
