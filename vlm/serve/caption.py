@@ -111,6 +111,7 @@ class Plan:
     todo: list[Entry] | None  # path inputs: the entries left to caption, in listing order
     keep: Callable[[Entry], bool]
     total: int | None  # entries to caption, when known before reading
+    skip: set[str] = dataclasses.field(default_factory=set)  # embedded inputs: ids done or failed before
 
 
 def input_kind(args) -> tuple[str, str]:
@@ -153,7 +154,9 @@ def _embedded_plan(kind: str, location: str, args, skip: set[str]) -> Plan:
     log.info(
         "%s %s: %d parts to read; %d images captioned or failed before", kind, location, len(units), len(skip)
     )
-    return Plan(units, None, lambda e: e.id not in skip and shard_of(e.id, root, shard[1]) == shard[0], None)
+    return Plan(
+        units, None, lambda e: e.id not in skip and shard_of(e.id, root, shard[1]) == shard[0], None, skip
+    )
 
 
 def listing_root(kind: str, location: str) -> str:

@@ -116,24 +116,19 @@ def actor_pool(cpus_per_actor: int | None) -> tuple[int, dict]:
 def caption_ray(args, plan: Plan, store: CaptionStore) -> Progress:
     import ray
 
-    if args.shard != (0, 1):
-        raise ValueError(
-            "--shard is for --engine local: --engine ray spreads the work over the cluster itself"
-        )
     connect(args.ray_address, getattr(args, "verbose", False))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours (below) counts images, not blocks
     ctx.print_on_execution_start = False
     actors, resources = actor_pool(args.cpus_per_actor)
     log.info("%d engine actor(s), each with %s; %d input parts", actors, resources, len(plan.units))
-    skip = store.done | store.failed_before() if plan.todo is None else set()
     ds = ray.data.range(len(plan.units), override_num_blocks=max(1, len(plan.units)))
     ds = ds.flat_map(
         read_unit,
         num_cpus=0.5 if resources.get("num_cpus") == 0.5 else 1,
         fn_kwargs={
             "units": ray.put(plan.units),
-            "skip": ray.put(skip),
+            "skip": ray.put(plan.skip),
             "column": args.image_column,
             "policy": media_policy(args),
         },
