@@ -64,7 +64,7 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench-serve-realistic bench reliability reliability-train reliability-caption load eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench-serve-realistic bench reliability reliability-train reliability-caption load soak eval eval-suites
 
 help:
 	@echo "make demo    data, stage 0 tower, lm, base checkpoints (all connectors), stage 1/2, eval: pass/fail + timings"
@@ -83,6 +83,7 @@ help:
 	@echo "make bench-serve-realistic  vlm serve vs transformers servers on a mixed workload (REALISTIC_SCALE=tiny|real)"
 	@echo "make bench   performance suite (training step, feature cache, serving, token budget) -> BENCHMARKS.md"
 	@echo "make reliability  SIGKILLed training/captioning, full disk, server load (LOAD_C, LOAD_S) -> RELIABILITY.md"
+	@echo "make soak    SOAK_N (10000) requests against SERVE_CKPT: server RSS against requests answered"
 	@echo "make lint    ruff"
 	@echo "make lock    refresh requirements/$(FLAVOUR).lock from the newest versions the registries serve"
 	@echo "make lock-gpu  resolve requirements/gpu.lock (CUDA torch, vllm) from a machine without a GPU"
@@ -268,6 +269,11 @@ reliability-caption: $(STAMP)
 
 load: $(STAMP) $(SERVE_CKPT)/config.json
 	OMP_NUM_THREADS=1 $(BIN)/python bench/reliability.py load --checkpoint $(SERVE_CKPT) --concurrency $(LOAD_C) --duration $(LOAD_S)
+
+# Issue 20's soak: a fixed number of requests, RSS against requests answered (runs/reliability/soak.json).
+SOAK_N ?= 10000
+soak: $(STAMP) $(SERVE_CKPT)/config.json
+	OMP_NUM_THREADS=1 $(BIN)/python bench/reliability.py load --checkpoint $(SERVE_CKPT) --concurrency $(LOAD_C) --requests $(SOAK_N) --name soak
 
 # The unmarked tier (no slow/vllm/deepspeed/gpu marker; pyproject.toml): under 3 minutes on 2 cores.
 test-fast: $(STAMP) $(VENV)/.eval-suites

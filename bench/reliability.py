@@ -395,12 +395,18 @@ class Load:
             with self.lock:
                 self.results.append((status, time.perf_counter() - t0, hostile))
 
-    def run(self, seconds: float) -> list[tuple[int, float, bool]]:
+    def _done(self, deadline: float, requests: int | None) -> bool:
+        return len(self.results) >= requests if requests else time.monotonic() >= deadline
+
+    def run(self, seconds: float, requests: int | None = None) -> list[tuple[int, float, bool]]:
+        """Load for `seconds`, or until `requests` have been answered when that is given."""
         self.results, stop = [], threading.Event()
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             for w in range(self.concurrency):
                 pool.submit(self.worker, w, stop)
-            time.sleep(seconds)
+            deadline = time.monotonic() + seconds
+            while not self._done(deadline, requests):
+                time.sleep(0.2)
             stop.set()
         return self.results
 
@@ -423,15 +429,20 @@ def cmd_load(args) -> int:
         load.run(args.warmup)
         by_process_warm = rss_by_process(server.pid)
         rss_warm = sum(by_process_warm.values())
-        samples, stop = [], threading.Event()
-        sampler = threading.Thread(target=_sample_rss, args=(server.pid, samples, stop), daemon=True)
+        samples, by_requests, stop = [], [], threading.Event()
+        sampler = threading.Thread(
+            target=_sample_rss, args=(server.pid, samples, stop, load, by_requests), daemon=True
+        )
         sampler.start()
-        results = load.run(args.duration)
+        t0 = time.perf_counter()
+        results = load.run(args.duration, args.requests)
+        elapsed = time.perf_counter() - t0
         stop.set()
         sampler.join()
         by_process_end = rss_by_process(server.pid)
         api = next(k for k in by_process_end if k.startswith(f"{server.pid}:"))
         rss_end = sum(by_process_end.values())
+        by_requests.append((len(results), rss_end))
         healthy_after = _healthy(base)
     finally:
         kill_group(server)
@@ -439,10 +450,10 @@ def cmd_load(args) -> int:
     latencies = sorted(t for s, t, hostile in results if not hostile and s == 200)
     figures = {
         "concurrency": args.concurrency,
-        "duration_s": args.duration,
+        "duration_s": round(elapsed, 1),
         "max_tokens": args.max_tokens,
         "requests": len(results),
-        "requests_per_s": round(len(results) / args.duration, 2),
+        "requests_per_s": round(len(results) / elapsed, 2),
         "status_200": good.count(200),
         "hostile_4xx": sum(1 for s, _, h in results if h and 400 <= s < 500),
         "hostile_not_4xx": sum(1 for s, _, h in results if h and not 400 <= s < 500),
@@ -454,18 +465,18 @@ def cmd_load(args) -> int:
         "rss_peak_mb": round(max(samples + [rss_end]) / 2**20, 1),
         "rss_end_mb": round(rss_end / 2**20, 1),
         "rss_growth_mb": round((rss_end - rss_warm) / 2**20, 1),
-        "rss_growth_second_half_mb": round((rss_end - samples[len(samples) // 2]) / 2**20, 1)
-        if samples
-        else None,
+        "rss_growth_second_half_mb": round((rss_end - _at_half(by_requests)) / 2**20, 1),
         "rss_growth_by_process_mb": {
             k: round((v - by_process_warm.get(k, 0)) / 2**20, 1) for k, v in by_process_end.items()
         },
         "rss_timeline_mb": [round(x / 2**20) for x in samples[:: max(len(samples) // 12, 1)]],
+        "rss_mb_by_requests": [[n, round(x / 2**20)] for n, x in _thin(by_requests, 20)],
         "api_server_growth_mb": round((by_process_end[api] - by_process_warm[api]) / 2**20, 1),
         "bounds_mb": {"total": args.rss_bound_mb, "second_half": args.steady_bound_mb, "api_server": 16},
         "healthy_after": healthy_after,
     }
-    report("load", figures)
+    report(args.name, figures)
+    print(rss_chart(figures["rss_mb_by_requests"]))
     ok = figures["status_5xx"] == 0 and figures["valid_not_200"] == 0 and figures["hostile_not_4xx"] == 0
     within = (
         figures["rss_growth_mb"] < args.rss_bound_mb
@@ -483,9 +494,33 @@ def _healthy(base: str) -> bool:
         return False
 
 
-def _sample_rss(pid: int, samples: list[int], stop: threading.Event) -> None:
+def _sample_rss(pid: int, samples: list[int], stop: threading.Event, load: Load, by_requests: list) -> None:
+    """Every 2 s: the server tree's RSS, also keyed by how many requests had been answered."""
     while not stop.wait(2.0):
         samples.append(tree_rss(pid))
+        by_requests.append((len(load.results), samples[-1]))
+
+
+def _at_half(by_requests: list[tuple[int, int]]) -> int:
+    """RSS at the first sample past half of the requests (the soak's second half starts there)."""
+    half = by_requests[-1][0] / 2
+    return next(rss for n, rss in by_requests if n >= half)
+
+
+def _thin(points: list, keep: int) -> list:
+    """About `keep` evenly spaced points, always with the last."""
+    step = max(len(points) // keep, 1)
+    return points[::step] + ([points[-1]] if (len(points) - 1) % step else [])
+
+
+def rss_chart(points: list[list[int]], width: int = 50) -> str:
+    """A text chart of server RSS against requests answered (it goes into BENCHMARKS.md as is)."""
+    low, high = min(mb for _, mb in points), max(mb for _, mb in points)
+    span = max(high - low, 1)
+    lines = [f"{'requests':>9}  {'RSS MiB':>7}  ({low} MiB at the left edge, {high} at the right)"]
+    for n, mb in points:
+        lines.append(f"{n:>9}  {mb:>7}  {'#' * (1 + round((mb - low) / span * (width - 1)))}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -504,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument(
+        "--requests", type=int, help="soak: run until this many requests are answered (not --duration)"
+    )
+    p.add_argument("--name", default="load", help="figures go to runs/reliability/NAME.json")
     p.add_argument("--warmup", type=float, default=30.0)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rss-bound-mb", type=float, default=300.0, help="server tree RSS growth after warm-up")
