@@ -156,6 +156,22 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 f"but 0 images were given"
             )
 
+    # -- generation --------------------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' generate, refusing a prompt longer than the LLM's context as vLLM does (the prompt length
+        counts the expanded image placeholders; new tokens are not counted, as vLLM does not)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is not None:
+            self.check_input_length(prompt, kwargs.get("attention_mask"))
+        return super().generate(inputs, *args, **kwargs)
+
+    def check_input_length(self, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """The longest row's unpadded length against max_position_embeddings, with vLLM's message."""
+        length = int(attention_mask.sum(-1).max()) if attention_mask is not None else prompt.shape[1]
+        context = self.config.text_config.max_position_embeddings
+        if length > context:
+            raise ValueError(f"Input length ({length}) exceeds model's maximum context length ({context}).")
+
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(
         self,
