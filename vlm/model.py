@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import VLMConfig
 from .connectors import Connector, build_connector
+from .supervised_head import SupervisedLMOutput, supervised_head_loss
 from .towers import build_tower, select_features, tower_spec
 
 
@@ -37,6 +38,10 @@ class VLMPreTrainedModel(PreTrainedModel):
 
 
 class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
+    # With labels, the LM head runs at supervised positions only (SupervisedLMOutput, no logits); False gives the
+    # LLM's own full-logit loss, for benchmarks and parity tests. Without labels the logits are always full.
+    supervised_head = True
+
     def __init__(self, config: VLMConfig):
         super().__init__(config)
         self.vision_tower = build_tower(config.vision_config)
@@ -208,6 +213,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "pixel_values need input_ids to locate the image placeholders, not inputs_embeds"
             )
+        if labels is not None and self.supervised_head:
+            return self._supervised_forward(
+                inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -217,4 +226,35 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
+        )
+
+    def _supervised_forward(
+        self, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs
+    ) -> SupervisedLMOutput:
+        """The decoder, then the head at supervised positions only (vlm/supervised_head.py); what the LLM's own
+        forward does, less the logits nothing supervises. `logits` is None, `token_losses` per supervised token."""
+        num_items = kwargs.get(
+            "num_items_in_batch"
+        )  # the decoder takes it too, as the LLM's forward passes it
+        out = self.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        loss, token_losses = supervised_head_loss(
+            out.last_hidden_state,
+            labels,
+            self.get_output_embeddings(),
+            num_items,
+            getattr(self.config.text_config, "final_logit_softcapping", None),
+        )
+        return SupervisedLMOutput(
+            loss=loss,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            token_losses=token_losses,
         )
