@@ -180,9 +180,8 @@ def build_base_model(
         num_image_tokens=config.num_image_tokens,
         chat_template=chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer),  # BOS where the tokenizer adds it
     )
-    check_context(
-        config, processor, f"--tower {tower} --llm {llm}"
-    )  # before building a model that cannot serve
+    # Before building a model that could not serve one image.
+    check_context(config, processor, f"--tower {tower} --llm {llm}")
     set_seed(seed)
     model = VLMForConditionalGeneration(config)
     if tower_model is not None:

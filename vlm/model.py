@@ -233,9 +233,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     ) -> SupervisedLMOutput:
         """The decoder, then the head at supervised positions only (vlm/supervised_head.py); what the LLM's own
         forward does, less the logits nothing supervises. `logits` is None, `token_losses` per supervised token."""
-        num_items = kwargs.get(
-            "num_items_in_batch"
-        )  # the decoder takes it too, as the LLM's forward passes it
+        # The decoder takes num_items_in_batch too, as the LLM's own forward passes it.
+        num_items = kwargs.get("num_items_in_batch")
         out = self.get_decoder()(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
