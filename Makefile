@@ -64,7 +64,7 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench-serve-realistic bench reliability reliability-train reliability-caption load soak eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench-serve-realistic bench-lm-head bench reliability reliability-train reliability-caption load soak eval eval-suites
 
 help:
 	@echo "make demo    data, stage 0 tower, lm, base checkpoints (all connectors), stage 1/2, eval: pass/fail + timings"
@@ -81,6 +81,7 @@ help:
 	@echo "make bench-caption  vlm caption --engine ray vs the single-process engine, images/s side by side"
 	@echo "make bench-serve  vLLM vs transformers serving throughput -> BENCHMARKS.md"
 	@echo "make bench-serve-realistic  vlm serve vs transformers servers on a mixed workload (REALISTIC_SCALE=tiny|real)"
+	@echo "make bench-lm-head  LM head + loss at vocab 152k, 2048 tokens: full logits vs supervised only (memory, time)"
 	@echo "make bench   performance suite (training step, feature cache, serving, token budget) -> BENCHMARKS.md"
 	@echo "make reliability  SIGKILLed training/captioning, full disk, server load (LOAD_C, LOAD_S) -> RELIABILITY.md"
 	@echo "make soak    SOAK_N (10000) requests against SERVE_CKPT: server RSS against requests answered"
@@ -249,6 +250,10 @@ REALISTIC_SCALE ?= tiny
 REALISTIC_ARGS  ?=
 bench-serve-realistic: $(STAMP)
 	$(BIN)/python bench/serve_realistic.py --scale $(REALISTIC_SCALE) $(if $(filter tiny,$(REALISTIC_SCALE)),--checkpoint $(SERVE_CKPT),) $(REALISTIC_ARGS)
+
+# The LM head at Qwen2-0.5B's vocabulary (issue 18): one process per variant, figures printed (~10 min on 2 cores).
+bench-lm-head: $(STAMP)
+	$(BIN)/python bench/lm_head_memory.py
 
 # The CPU performance suite (~10-15 min): one table of side-by-side ratios + peak memory -> BENCHMARKS.md.
 # One thread per process unless OMP_NUM_THREADS is set: phases run one at a time, vLLM's three processes share.

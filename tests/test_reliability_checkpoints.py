@@ -139,3 +139,58 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     logger.path.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # killed mid-write
     logger.truncate_after(2)
     assert [r["step"] for r in logger.read()] == [1, 2]
+
+
+def _draws(device: str = "cpu") -> list:
+    """One value from every generator a resumed run draws from: Python, NumPy, torch (dropout masks included)."""
+    import random
+
+    import numpy as np
+
+    mask = torch.nn.functional.dropout(torch.ones(64, device=device), p=0.5, training=True)
+    return [random.random(), float(np.random.rand()), torch.rand(3).tolist(), mask.tolist()]
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    manager, engine = CheckpointManager(tmp_path, rank=0, world_size=1), FakeEngine()
+    torch.manual_seed(1)
+    path = manager.save(engine, 1, {"micro_batches_done": 2})
+    after_save = _draws()
+    _draws()  # the run goes on (or another process starts fresh): the generators move
+    manager.load(FakeEngine(), path)
+    assert _draws() == after_save
+    saved = torch.load(path / "rng_rank0.pt", weights_only=False)
+    assert ("cuda" in saved) == torch.cuda.is_available()
+
+
+def test_a_state_saved_without_cuda_restores_the_cpu_generators(caplog):
+    state = checkpoints.rng_state()
+    state.pop("cuda", None)  # a checkpoint from a CPU run, or from before the CUDA state was saved
+    expected = _draws()
+    with caplog.at_level(logging.WARNING, logger="vlm.train"):
+        checkpoints.set_rng_state(state, "ckpt/rng_rank0.pt")
+    assert _draws() == expected
+    # With a GPU, its generators keep this run's seed, and the log says so; without one there is nothing to say.
+    assert ("has no CUDA RNG state" in caplog.text) == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-less side of a checkpoint saved with GPUs")
+def test_gpu_states_in_a_checkpoint_are_reported_not_fatal_without_a_gpu(caplog):
+    state = {**checkpoints.rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    expected = _draws()
+    with caplog.at_level(logging.WARNING, logger="vlm.train"):
+        checkpoints.set_rng_state(state, "ckpt/rng_rank0.pt")
+    assert _draws() == expected
+    assert "ckpt/rng_rank0.pt holds 2 GPUs' RNG states; this run has no GPU" in caplog.text
+
+
+@pytest.mark.gpu
+def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    """LoRA dropout on a GPU draws from the CUDA generator: a resume must replay the same masks."""
+    manager = CheckpointManager(tmp_path, rank=0, world_size=1)
+    torch.cuda.manual_seed_all(1)
+    path = manager.save(FakeEngine(), 1, {"micro_batches_done": 2})
+    after_save = _draws("cuda")
+    _draws("cuda")
+    manager.load(FakeEngine(), path)
+    assert _draws("cuda") == after_save

@@ -514,7 +514,7 @@ def test_per_source_losses_come_from_the_batch_and_average_to_the_loss(build, im
     assert set(batch["token_sources"].unique().tolist()) - {-1} == {0, 1}  # -1: padding
     with torch.no_grad():
         out = model(**model_inputs(batch), use_cache=False)
-        sums = source_token_sums(out.logits, batch["labels"], batch["token_sources"], 2)
+        sums = source_token_sums(out, batch["labels"], batch["token_sources"], 2)
         means = source_means(sums, ["vqa", "caption"])
         assert float(sums[0].sum() / sums[1].sum()) == pytest.approx(float(out.loss), abs=1e-5)
         for s, name in enumerate(["vqa", "caption"]):

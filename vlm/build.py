@@ -20,6 +20,7 @@ from transformers import (
 
 from .config import VLMConfig
 from .connectors import connector_config_from_dict, get_connector_class
+from .context import check_context
 from .model import VLMForConditionalGeneration
 from .plugins import load_plugin
 from .presets import LLM_PRESETS, TOWER_PRESETS, tiny_preset_of
@@ -173,6 +174,14 @@ def build_base_model(
         vision_tower_name_or_path=tower_source,
         text_model_name_or_path=llm_source,
     )
+    processor = VLMProcessor(
+        image_processor=image_processor_for(tower, vision_config),
+        tokenizer=tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        chat_template=chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer),  # BOS where the tokenizer adds it
+    )
+    # Before building a model that could not serve one image.
+    check_context(config, processor, f"--tower {tower} --llm {llm}")
     set_seed(seed)
     model = VLMForConditionalGeneration(config)
     if tower_model is not None:
@@ -184,13 +193,6 @@ def build_base_model(
     model.generation_config = generation_config_for(tokenizer)
     if config.connector_config.output_scale:
         calibrate_connector(model, seed)
-
-    processor = VLMProcessor(
-        image_processor=image_processor_for(tower, vision_config),
-        tokenizer=tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        chat_template=chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer),  # BOS where the tokenizer adds it
-    )
     return model, processor
 
 

@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 
 from .config import VLMConfig
 from .constants import IMAGE_TOKEN
+from .context import check_context
 from .llava_names import from_llava_names
 from .model import VLMForConditionalGeneration
 from .processing import VLMProcessor
@@ -209,6 +210,7 @@ def import_llava_hf(src: str) -> tuple[VLMForConditionalGeneration, VLMProcessor
         chat_template=_chat_template(source, tokenizer, src),
     )
     _check_processor(source, processor, vlm_config, src)
+    check_context(vlm_config, processor, src)
 
     llava = _load_llava(src, config)
     state = _map_state_dict(llava.state_dict(), src)

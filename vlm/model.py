@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import VLMConfig
 from .connectors import Connector, build_connector
+from .supervised_head import SupervisedLMOutput, supervised_head_loss
 from .towers import build_tower, select_features, tower_spec
 
 
@@ -37,6 +38,10 @@ class VLMPreTrainedModel(PreTrainedModel):
 
 
 class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
+    # With labels, the LM head runs at supervised positions only (SupervisedLMOutput, no logits); False gives the
+    # LLM's own full-logit loss, for benchmarks and parity tests. Without labels the logits are always full.
+    supervised_head = True
+
     def __init__(self, config: VLMConfig):
         super().__init__(config)
         self.vision_tower = build_tower(config.vision_config)
@@ -156,6 +161,22 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 f"but 0 images were given"
             )
 
+    # -- generation --------------------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' generate, refusing a prompt longer than the LLM's context as vLLM does (the prompt length
+        counts the expanded image placeholders; new tokens are not counted, as vLLM does not)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is not None:
+            self.check_input_length(prompt, kwargs.get("attention_mask"))
+        return super().generate(inputs, *args, **kwargs)
+
+    def check_input_length(self, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """The longest row's unpadded length against max_position_embeddings, with vLLM's message."""
+        length = int(attention_mask.sum(-1).max()) if attention_mask is not None else prompt.shape[1]
+        context = self.config.text_config.max_position_embeddings
+        if length > context:
+            raise ValueError(f"Input length ({length}) exceeds model's maximum context length ({context}).")
+
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -192,6 +213,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "pixel_values need input_ids to locate the image placeholders, not inputs_embeds"
             )
+        if labels is not None and self.supervised_head:
+            return self._supervised_forward(
+                inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -201,4 +226,34 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
+        )
+
+    def _supervised_forward(
+        self, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache, **kwargs
+    ) -> SupervisedLMOutput:
+        """The decoder, then the head at supervised positions only (vlm/supervised_head.py); what the LLM's own
+        forward does, less the logits nothing supervises. `logits` is None, `token_losses` per supervised token."""
+        # The decoder takes num_items_in_batch too, as the LLM's own forward passes it.
+        num_items = kwargs.get("num_items_in_batch")
+        out = self.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        loss, token_losses = supervised_head_loss(
+            out.last_hidden_state,
+            labels,
+            self.get_output_embeddings(),
+            num_items,
+            getattr(self.config.text_config, "final_logit_softcapping", None),
+        )
+        return SupervisedLMOutput(
+            loss=loss,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            token_losses=token_losses,
         )

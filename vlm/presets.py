@@ -69,13 +69,14 @@ TOWER_PRESETS: dict[str, Preset] = {
     ),
 }
 
-# head_dim 64 (>= 32): vLLM's CPU attention only supports certain head sizes.
+# head_dim 64 (>= 32): vLLM's CPU attention only supports certain head sizes. The context holds a real tower's
+# image (CLIP-L/14-336 + mlp: 576 tokens) with room for a conversation, as LLaVA-1.5's 2048 does.
 _TINY_TEXT = dict(
     hidden_size=128,
     num_hidden_layers=2,
     num_attention_heads=2,
     intermediate_size=256,
-    max_position_embeddings=512,
+    max_position_embeddings=2048,
     tie_word_embeddings=False,
 )
 
@@ -117,6 +118,10 @@ LLM_PRESETS: dict[str, Preset] = {
 }
 
 
+# The context is no part of a preset's shape: an LLM pretrained before the tiny context grew is still tiny.
+_NOT_SHAPE = {"max_position_embeddings"}
+
+
 def tiny_preset_of(config: PretrainedConfig, presets: dict[str, Preset]) -> str | None:
     """The tiny preset whose shape `config` has, or None: a part pretrained here from a tiny preset (make stage0's
     tower, make lm's LLM) is tiny too, so connectors get their tiny overrides on it as on the preset itself."""
@@ -124,7 +129,7 @@ def tiny_preset_of(config: PretrainedConfig, presets: dict[str, Preset]) -> str 
         if (
             preset.tiny
             and config.model_type == preset.model_type
-            and all(getattr(config, k, None) == v for k, v in preset.params.items())
+            and all(getattr(config, k, None) == v for k, v in preset.params.items() if k not in _NOT_SHAPE)
         ):
             return name
     return None

@@ -1,4 +1,4 @@
-"""Resumable checkpoints: DeepSpeed engine state + trainer state + per-rank RNG, written atomically.
+"""Resumable checkpoints: DeepSpeed engine state + trainer state + per-rank RNG (CPU and GPU), written atomically.
 
 Every rank writes into `ROOT/.staging/TAG`; after a barrier rank 0 writes `trainer_state.json` last, then renames
 the directory to `ROOT/TAG` (atomic on one filesystem) and updates `ROOT/latest`. A killed save therefore leaves
@@ -124,13 +124,47 @@ def _fsync_tree(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch CPU generators, and every visible GPU's (LoRA dropout on a GPU draws from those)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], source: str | Path = "the checkpoint") -> None:
+    """Restore `rng_state()`'s generators. A state without "cuda" (saved on a CPU, or before it was saved) leaves
+    the GPU generators as seeded; a different GPU count restores the devices both have, with a warning."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if not torch.cuda.is_available():
+        if cuda:
+            log.warning(
+                "%s holds %d GPUs' RNG states; this run has no GPU, so they are not restored",
+                source,
+                len(cuda),
+            )
+        return
+    if cuda is None:
+        log.warning(
+            "%s has no CUDA RNG state (saved without a GPU, or by an older version): GPU-side randomness such as "
+            "LoRA dropout continues from this run's seed, not from where the run stopped",
+            source,
+        )
+        return
+    devices = torch.cuda.device_count()
+    if len(cuda) != devices:
+        log.warning(
+            "%s holds the RNG states of %d GPUs but this process sees %d; restoring the first %d, so GPU-side "
+            "randomness may not resume identically",
+            source,
+            len(cuda),
+            devices,
+            min(len(cuda), devices),
+        )
+    for index, device_state in enumerate(cuda[:devices]):
+        torch.cuda.set_rng_state(device_state, index)
 
 
 class CheckpointManager:
@@ -232,5 +266,6 @@ class CheckpointManager:
         )
         if loaded is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
-        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False), rng_file)
         return state

@@ -205,12 +205,12 @@ class Trainer:
                 self._diverged(ids)
             if mixed:
                 by_source += source_token_sums(
-                    out.logits.detach(), batch["labels"], batch["token_sources"], len(self.source_names)
+                    out, batch["labels"], batch["token_sources"], len(self.source_names)
                 )
             self.engine.backward(out.loss)
             self.engine.step()
         loss = float(all_reduce_sum(loss_sum)) / global_tokens
-        # One source: its loss is the loss (no second pass over the logits).
+        # One source: its loss is the loss (no per-source sums).
         self.source_losses = (
             source_means(all_reduce_sum(by_source), self.source_names)
             if mixed

@@ -1,9 +1,11 @@
-"""The loss of each data source in a mix, for logging: per-token losses from the logits the step computed anyway,
-summed per source by the batch's `token_sources`. The training loss itself is untouched.
+"""The loss of each data source in a mix, for logging: the per-token losses the step computed anyway, summed per
+source by the batch's `token_sources`. The training loss itself is untouched.
 
-Under several ranks the (sum, count) per source are all-reduced, so each source's loss is its token mean over
-the global batch, as the training loss is over all sources. A source with no supervised token in a step has no
-value that step. `SourceEMA` smooths the series for the log, TensorBoard and loss.png.
+The VLM's training forward returns them (`token_losses`, from the head applied at supervised positions only:
+vlm/supervised_head.py); a plain causal LM (language pretraining) returns full logits, and they are computed
+from those. Under several ranks the (sum, count) per source are all-reduced, so each source's loss is its token
+mean over the global batch, as the training loss is over all sources. A source with no supervised token in a step
+has no value that step. `SourceEMA` smooths the series for the log, TensorBoard and loss.png.
 """
 
 from __future__ import annotations
@@ -12,29 +14,41 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
+from ..supervised_head import supervised_targets
 
 EMA_DECAY = 0.9  # smoothing of the logged per-source curves: ~10 steps of memory
 
 
 @torch.no_grad()
-def source_token_sums(
-    logits: torch.Tensor, labels: torch.Tensor, token_sources: torch.Tensor, n_sources: int
-) -> torch.Tensor:
-    """(2, n_sources) float64: summed next-token loss and supervised-token count per source.
+def token_losses_of(out, labels: torch.Tensor) -> torch.Tensor:
+    """The next-token loss of each supervised token, row-major in the order of `labels[:, 1:] != -100`.
 
-    The shift and float cross-entropy are transformers' ForCausalLMLoss; rows one at a time bound the extra
-    memory to one row of float logits.
-    """
-    # Sums stay on the logits' device until the end: one host transfer per step, not a sync per row.
-    out = torch.zeros(2, n_sources, dtype=torch.float64, device=logits.device)
-    targets, sources = labels[:, 1:].to(logits.device), token_sources[:, 1:].to(logits.device)
-    for row in range(logits.shape[0]):
-        keep = targets[row] != IGNORE_INDEX
-        losses = F.cross_entropy(logits[row, :-1][keep].float(), targets[row][keep], reduction="none")
-        src = sources[row][keep]
-        out[0].index_add_(0, src, losses.double())
-        out[1].index_add_(0, src, torch.ones_like(losses, dtype=torch.float64))
-    return out.cpu()
+    From the output's `token_losses` when the forward gave them, else from its full logits with transformers'
+    ForCausalLMLoss shift and float cross-entropy, a row at a time to bound the extra memory to one row."""
+    if getattr(out, "token_losses", None) is not None:
+        return out.token_losses
+    logits = out.logits
+    targets = labels[:, 1:].to(logits.device)
+    keep = targets != IGNORE_INDEX
+    rows = [
+        F.cross_entropy(logits[r, :-1][keep[r]].float(), targets[r][keep[r]], reduction="none")
+        for r in range(logits.shape[0])
+    ]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def source_token_sums(out, labels: torch.Tensor, token_sources: torch.Tensor, n_sources: int) -> torch.Tensor:
+    """(2, n_sources) float64: summed next-token loss and supervised-token count per source, from a forward's
+    output (`token_losses`, or full `logits`) and the batch's labels and token sources."""
+    losses = token_losses_of(out, labels).double()
+    keep, _ = supervised_targets(labels.to(losses.device))
+    sources = token_sources[:, 1:].to(losses.device)[keep]
+    # Sums stay on the losses' device until the end: one host transfer per step.
+    sums = torch.zeros(2, n_sources, dtype=torch.float64, device=losses.device)
+    sums[0].index_add_(0, sources, losses)
+    sums[1].index_add_(0, sources, torch.ones_like(losses))
+    return sums.cpu()
 
 
 def source_means(sums: torch.Tensor, names: list[str]) -> dict[str, float]:
