@@ -149,6 +149,10 @@ class Recipe:
     # DataLoader worker processes per rank that decode, preprocess and collate images while the step runs;
     # 0: in the training process. Same batches, same order, for any value (vlm/data/loader.py).
     num_workers: int = 1
+    # Encoded text of each data file kept on disk (vlm/data/encoded_index.py) so later runs, and all ranks of
+    # a node, skip the O(records) template rendering and tokenization: "auto" ($VLM_DATA_CACHE or
+    # ~/.cache/vlm/encoded), a PATH, or null (encode in every process, every run).
+    data_cache: str | None = "auto"
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # eval during training (rank 0)
     # bookkeeping
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end

@@ -8,16 +8,19 @@ Images are decoded and preprocessed in `recipe.num_workers` DataLoader worker pr
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from ..data.collate import Collator, PackingCollator
+from ..data.encoded_index import EncodingIndex, resolve_data_cache
 from ..data.epochs import EpochBatches
 from ..data.loader import loader_seed, micro_batch_loader
 from ..data.records import load_llava_dataset
-from ..data.samples import SupervisedDataset, mix_datasets
+from ..data.samples import EncodedRecords, SupervisedDataset, mix_datasets
 from ..data.sampling import DistributedShuffleSampler, LengthGroupedSampler
 from ..templates import resolve_template
 from .recipe import Recipe
@@ -54,7 +57,8 @@ class TrainData(EpochBatches):
         parts = []
         template = resolve_template(recipe.template, processor.chat_template)
         for source in recipe.data:
-            records = load_llava_dataset(source.path, image_root=source.image_root)
+            encoded = _encoded(recipe, source, processor, template)
+            records = load_llava_dataset(source.path, image_root=source.image_root) if encoded is None else []
             parts.append(
                 SupervisedDataset(
                     records,
@@ -62,6 +66,7 @@ class TrainData(EpochBatches):
                     template,
                     max_length=recipe.max_length,
                     on_error=recipe.on_bad_sample,
+                    encoded=encoded,
                 )
             )
         if len(parts) == 1:
@@ -94,6 +99,32 @@ class TrainData(EpochBatches):
     def skipped_report(self) -> dict[str, int]:
         """Skipped samples by reason: at encoding (bad records) and at image loading (any process)."""
         return dict(_encoding_skips(self.dataset) + self.load_skipped)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _encoded(recipe: Recipe, source, processor, template: str) -> EncodedRecords | None:
+    """The source's encoded records from the persisted index (vlm/data/encoded_index.py): built by each node's
+    local rank 0 while the others wait, then read by all; None when recipe.data_cache is off."""
+    if recipe.data_cache is None:
+        return None
+    index = EncodingIndex(
+        resolve_data_cache(recipe.data_cache),
+        source.path,
+        source.image_root,
+        processor,
+        template,
+        recipe.max_length,
+    )
+    if not index.exists() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        encoded = index.build()
+        _barrier()
+        return encoded
+    _barrier()
+    return index.load() if index.exists() else index.build()  # a root this rank's node 0 could not write
 
 
 def _encoding_skips(dataset) -> Counter[str]:
