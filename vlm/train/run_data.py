@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -35,7 +36,10 @@ class TrainData(EpochBatches):
         self.recipe, self.rank = recipe, rank
         self.micro = recipe.micro_batch_size
         self.load_skipped: Counter[str] = Counter()  # counted from the batches, so exact for any num_workers
+        started = time.time()
         self.dataset = self._dataset(recipe, processor)
+        if rank == 0:
+            log.info("training data: %d samples ready in %.1f s", len(self.dataset), time.time() - started)
         accum = recipe.gradient_accumulation(world_size)
         # One sampler batch = this rank's share of one optimizer step, so the global batches are the same for
         # any process count with the same global batch size.
