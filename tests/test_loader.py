@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from vlm.data.loader import micro_batch_loader
 from vlm.data.samples import SampleError
 from vlm.train.recipe import DataSource, Recipe
 from vlm.train.run_data import TrainData
@@ -109,3 +112,25 @@ def test_skips_in_workers_are_counted_in_the_report(proc, tmp_path):
     batches = list(data.iterate())
     assert all("s4" not in b["ids"] for b in batches)
     assert data.skipped_report() == {"corrupt_image": 2}  # once per epoch
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Items that are random draws, as an augmentation would make them."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[float, float, float]:
+        return torch.rand(()).item(), float(np.random.rand()), random.random()
+
+
+def test_worker_random_draws_are_reproducible_and_differ_between_workers():
+    plan = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+    def run(seed):
+        return list(micro_batch_loader(_Draws(), list, plan, len(plan), num_workers=2, seed=seed))
+
+    first = run(5)
+    assert run(5) == first and run(6) != first
+    # batches 0 and 1 come from workers 0 and 1: each of torch, NumPy and random is seeded per worker
+    assert all(a != b for a, b in zip(first[0][0], first[1][0], strict=True))

@@ -9,15 +9,14 @@ the rest of the uninterrupted sequence.
 Errors travel as data: a `SampleError` raised in a worker (on_bad_sample=raise) comes back inside `_Failed`
 and is raised again in the trainer, unchanged, so the message still names the sample and the file.
 
-Worker RNGs: the loader's `generator` is seeded from (seed, rank, resume position), so each worker's torch and
-Python seeds (torch derives them from it) and the NumPy seed set by `seed_worker` are fixed for a given run
-start; batches go to workers round-robin, so any augmentation drawing from them is reproducible. (A resumed
+Worker RNGs: the loader's `generator` is seeded from (seed, rank, resume position); torch derives each worker's
+torch, `random` and NumPy seeds from it and the worker id, so they are fixed for a given run start, and batches
+go to workers round-robin, so any augmentation drawing from them is reproducible (tested). (A resumed
 run reseeds from its own start position: reproducible, but not the uninterrupted run's draws.)
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .samples import SampleError
 
-__all__ = ["MicroBatches", "PlanSampler", "loader_seed", "micro_batch_loader", "seed_worker"]
+__all__ = ["MicroBatches", "PlanSampler", "loader_seed", "micro_batch_loader"]
 
 PREFETCH_FACTOR = 2  # micro-batches each worker keeps ready: one in flight while the step runs, one spare
 
@@ -78,13 +77,6 @@ def _as_is(batch):  # module level: workers must unpickle the collate_fn
     return batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """NumPy's seed from the worker's torch seed (torch seeds itself and `random` from the loader's generator)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def micro_batch_loader(
     dataset: Dataset,
     collate,
@@ -109,7 +101,6 @@ def micro_batch_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
         pin_memory=pin_memory,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
         generator=generator,
     )
     for batch in loader:
