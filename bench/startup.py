@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=64)
     parser.add_argument("--procs", type=int, default=1)
     parser.add_argument("--work", default="/tmp/vlm-startup")
+    parser.add_argument(
+        "--repeat-warm", type=int, default=0, help="more warm runs, for the spread under load"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
