@@ -214,7 +214,14 @@ def phase_stage1(paths: dict, cache_root: str, rounds: str = "3") -> dict:
     from vlm.train.run_data import build_train_data
 
     data_file = Path(paths["data"]) / "caption_train.jsonl"
-    overrides = [f"model={paths['base']}", f"data=[{data_file}]", "output_dir=unused", "epochs=1"]
+    # num_workers=0: this phase times the process's own CPU seconds, which would miss work done in workers
+    overrides = [
+        f"model={paths['base']}",
+        f"data=[{data_file}]",
+        "output_dir=unused",
+        "epochs=1",
+        "num_workers=0",
+    ]
     recipe = load_recipe(
         ROOT / "stages" / "stage1.yaml", [*overrides, "micro_batch_size=32", "global_batch_size=32"]
     )

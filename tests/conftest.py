@@ -14,6 +14,7 @@ from PIL import Image
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # stages/stage1.yaml caches tower features (feature_cache: auto): keep the tests' caches out of ~/.cache.
 os.environ.setdefault("VLM_FEATURE_CACHE", tempfile.mkdtemp(prefix="vlm-test-features-"))
+os.environ.setdefault("VLM_DATA_CACHE", tempfile.mkdtemp(prefix="vlm-test-encoded-"))  # encoded_index.py
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # Fuzz suites: `make test` (and CI) replays the same derandomized examples every run, so a red run is a real

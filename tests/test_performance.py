@@ -19,6 +19,7 @@ from vlm.data.collate import Collator, PackingCollator, model_inputs
 from vlm.data.records import load_llava_dataset
 from vlm.data.samples import SampleError, SkippedSample, SupervisedDataset
 from vlm.data.synth import generate
+from vlm.train import feature_cache
 from vlm.train.feature_cache import (
     FeatureCacheError,
     build_feature_cache,
@@ -90,6 +91,26 @@ def test_second_build_reuses_every_entry_and_dedups_by_content(mlp, scenes, tmp_
     monkeypatch.setattr(type(model), "get_tower_features", lambda *a: calls.append(a))
     second = cache_for(model, proc, ds, tmp_path)
     assert not calls and sorted(second.cache.dir.glob("shard-*.safetensors")) == shards
+
+
+def test_image_digests_are_read_from_the_index_until_a_file_changes(mlp, scenes, tmp_path, monkeypatch):
+    model, proc = mlp
+    ds = captions(proc, scenes)
+    first = cache_for(model, proc, ds, tmp_path)
+    assert (tmp_path / feature_cache.DIGEST_INDEX).is_file()
+    monkeypatch.setattr(feature_cache, "_DIGESTS", {})  # a new process: nothing memoised
+    hashed = []
+    real = feature_cache.file_digest
+    monkeypatch.setattr(feature_cache, "file_digest", lambda p: hashed.append(p) or real(p))
+    assert cache_for(model, proc, ds, tmp_path).digests == first.digests and hashed == []
+    changed = sorted(first.digests)[0]
+    original = Path(changed).read_bytes()
+    try:
+        Image.new("RGB", (20, 20), (1, 2, 3)).save(changed)  # new content, size and mtime
+        second = cache_for(model, proc, ds, tmp_path)
+    finally:
+        Path(changed).write_bytes(original)  # the module's other tests share these scenes
+    assert hashed == [changed] and second.digests[changed] != first.digests[changed]
 
 
 def test_tower_or_preprocessing_change_gets_a_new_cache(mlp, scenes, tmp_path, caplog):

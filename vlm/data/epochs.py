@@ -15,16 +15,24 @@ class EpochBatches:
     def epoch_of(self, micro_done: int) -> float:
         return micro_done / self.batches_per_epoch
 
-    def iterate(self, micro_done: int = 0) -> Iterator[dict]:
-        """Micro-batches from position `micro_done` to the end of the last epoch."""
+    def remaining(self, micro_done: int) -> int:
+        """Micro-batches `plan(micro_done)` yields."""
+        return max(0, self.recipe.epochs * self.batches_per_epoch - micro_done)
+
+    def plan(self, micro_done: int = 0) -> Iterator[list[int]]:
+        """Each micro-batch's sample indices, from position `micro_done` to the end of the last epoch."""
         epoch, offset = divmod(micro_done, self.batches_per_epoch)
         for e in range(epoch, self.recipe.epochs):
             self.sampler.set_epoch(e)
             order = self.sampler.rank_order()
             for b in range(offset, self.batches_per_epoch):
-                indices = order[b * self.micro : (b + 1) * self.micro]
-                yield self._batch([int(i) for i in indices])
+                yield [int(i) for i in order[b * self.micro : (b + 1) * self.micro]]
             offset = 0
+
+    def iterate(self, micro_done: int = 0) -> Iterator[dict]:
+        """Micro-batches from position `micro_done` to the end of the last epoch, built in this process."""
+        for indices in self.plan(micro_done):
+            yield self._batch(indices)
 
     def _batch(self, indices: list[int]) -> dict:
         raise NotImplementedError

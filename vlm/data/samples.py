@@ -42,12 +42,14 @@ OnError = Literal["raise", "skip"]
 
 __all__ = [
     "IGNORE_INDEX",
+    "EncodedRecords",
     "EncodedSample",
     "SampleError",
     "SkippedSample",
     "SupervisedDataset",
     "MixedDataset",
     "encode_conversation",
+    "encode_records",
     "image_shape",
     "load_images",
     "mix_datasets",
@@ -141,12 +143,14 @@ def _strict_mask(
 
 
 def _encode_compact(
-    record: dict[str, Any], processor, template_name: str, max_length: int | None
+    record: dict[str, Any], processor, template_name: str, max_length: int | None, jinja: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """(ids with one <image> id per image, supervised mask, image paths, expanded length) or SampleError."""
+    """(ids with one <image> id per image, supervised mask, image paths, expanded length) or SampleError.
+
+    jinja: the template as `led_by_bos` gives it, when the caller encodes many records (it probes the tokenizer)."""
     sid = _record_id(record)
     tokenizer = processor.tokenizer
-    jinja = led_by_bos(get_template(template_name).jinja, tokenizer)  # BOS as serving renders it
+    jinja = jinja or led_by_bos(get_template(template_name).jinja, tokenizer)  # BOS as serving renders it
     try:
         messages = conversation_to_messages(record)
     except (KeyError, TypeError, ValueError) as e:
@@ -281,10 +285,47 @@ def _iter_records(sources: Any) -> Iterable[dict[str, Any]]:
         yield from sources
 
 
+@dataclass
+class EncodedRecords:
+    """The text side of a list of records, encoded once (vlm/data/encoded_index.py persists it): for each
+    encodable record, at `positions` in record order, its id, image paths, compact ids (int32, one <image> id
+    per image), supervised mask and expanded length; `errors` are the others' (position, id, reason, detail)."""
+
+    n_records: int
+    positions: list[int]
+    ids: list[Any]
+    image_paths: list[list[str]]
+    compact: list[np.ndarray]
+    masks: list[np.ndarray]
+    lengths: list[int]
+    errors: list[tuple[int, Any, str, str]]
+
+
+def encode_records(sources: Any, processor, template_name: str, max_length: int | None) -> EncodedRecords:
+    """Encode every record (text only: images are not opened), keeping each one's SampleError."""
+    jinja = led_by_bos(get_template(template_name).jinja, processor.tokenizer)
+    out = EncodedRecords(0, [], [], [], [], [], [], [])
+    for position, record in enumerate(_iter_records(sources)):
+        out.n_records += 1
+        try:
+            ids, mask, images, n_tokens = _encode_compact(record, processor, template_name, max_length, jinja)
+        except SampleError as e:
+            out.errors.append((position, e.sample_id, e.reason, e.detail))
+            continue
+        out.positions.append(position)
+        out.ids.append(_record_id(record))
+        out.image_paths.append(images)
+        out.compact.append(ids.astype(np.int32))
+        out.masks.append(mask)
+        out.lengths.append(n_tokens)
+    return out
+
+
 class SupervisedDataset(Dataset):
     """Pre-encoded supervised samples; images are loaded in `__getitem__`.
 
-    All text is encoded at construction, in order, in one Python loop (deterministic). Bad samples:
+    All text is encoded at construction, in order, in one Python loop (deterministic), unless `encoded` brings
+    it already encoded (`encode_records`, or its persisted form from vlm/data/encoded_index.py). Bad samples:
     - on_error="raise": the first bad sample raises SampleError naming its id;
     - on_error="skip": it is left out and counted: `.skipped` (Counter by reason) and `.skipped_ids`
       (reason -> ids). These construction-time counts are exact: construction runs in the main process.
@@ -308,6 +349,7 @@ class SupervisedDataset(Dataset):
         max_length: int | None = None,
         on_error: OnError = "raise",
         check_images: bool = True,
+        encoded: EncodedRecords | None = None,
     ):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -324,35 +366,44 @@ class SupervisedDataset(Dataset):
 
         self.ids: list[Any] = []
         self.image_paths: list[list[str]] = []
-        self._ids: list[
-            np.ndarray
-        ] = []  # unexpanded (one <image> id per image) and int32: 576x smaller per image
+        # unexpanded (one <image> id per image) and int32: 576x smaller per image
+        self._ids: list[np.ndarray] = []
         self._mask: list[np.ndarray] = []
-        lengths: list[int] = []
-        for record in _iter_records(sources):
-            try:
-                ids, mask, images, n_tokens = _encode_compact(record, processor, template_name, max_length)
-                if check_images:
-                    for p in images:
-                        if not os.path.isfile(p):
-                            raise SampleError(
-                                _record_id(record), "missing_image", f"image file not found: {p}"
-                            )
-            except SampleError as e:
-                if on_error == "raise":
-                    raise
-                self._count(self.skipped, self.skipped_ids, e.sample_id, e.reason)
-                continue
-            self.ids.append(_record_id(record))
-            self.image_paths.append(images)
-            self._ids.append(ids.astype(np.int32))
-            self._mask.append(mask)
-            lengths.append(n_tokens)
-        self.lengths: list[int] = lengths  # expanded token counts, for length grouping and packing
+        self.lengths: list[int] = []  # expanded token counts, for length grouping and packing
+        if encoded is None:
+            encoded = encode_records(sources, processor, template_name, max_length)
+        self._adopt(encoded, check_images)
         if self.skipped:
             log.warning(
                 "skipped %d samples while encoding: %s", sum(self.skipped.values()), dict(self.skipped)
             )
+
+    def _adopt(self, encoded: EncodedRecords, check_images: bool) -> None:
+        """Keep the encoded records (record order), applying the bad-sample policy to the encoding errors and,
+        with check_images, to missing image files."""
+        errors = iter(encoded.errors)
+        error = next(errors, None)
+        for k, position in enumerate([*encoded.positions, encoded.n_records]):
+            while error is not None and error[0] < position:
+                self._bad(SampleError(*error[1:]))
+                error = next(errors, None)
+            if position == encoded.n_records:
+                break
+            sid, images = encoded.ids[k], encoded.image_paths[k]
+            missing = next((p for p in images if not os.path.isfile(p)), None) if check_images else None
+            if missing is not None:
+                self._bad(SampleError(sid, "missing_image", f"image file not found: {missing}"))
+                continue
+            self.ids.append(sid)
+            self.image_paths.append(images)
+            self._ids.append(encoded.compact[k])
+            self._mask.append(encoded.masks[k])
+            self.lengths.append(encoded.lengths[k])
+
+    def _bad(self, err: SampleError) -> None:
+        if self.on_error == "raise":
+            raise err
+        self._count(self.skipped, self.skipped_ids, err.sample_id, err.reason)
 
     @staticmethod
     def _count(counter: Counter, ids: dict[str, list[Any]], sample_id: Any, reason: str) -> None:

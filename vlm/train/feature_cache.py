@@ -13,6 +13,9 @@ reuses); after a barrier every rank rescans, and computes itself whatever it sti
 that is not shared between nodes). A shard that fails to open or holds wrongly shaped tensors is moved aside as
 `*.corrupt` and its images are rebuilt.
 
+Image content hashes are computed once per cluster: the ranks split the files and exchange their digests, and
+`ROOT/digests.json` keeps them for later runs, keyed by path, size and mtime (`shared_digests`).
+
 Unreadable images are recorded in the shards too (content hash -> reason and detail), whatever the bad-sample
 policy, so a later run does not decode them again. Each run then treats them as an uncached run would: in raise
 mode the build ends with the first affected sample's `SampleError` (on every rank alike, after the shards are
@@ -56,6 +59,7 @@ class FeatureCacheError(RuntimeError):
 
 # -- keys ----------------------------------------------------------------------------------------------------
 _DIGESTS: dict[tuple[str, int, int], str] = {}
+DIGEST_INDEX = "digests.json"  # {absolute path: [size, mtime_ns, sha256]} beside the fingerprint directories
 
 
 def file_digest(path: str) -> str:
@@ -69,6 +73,47 @@ def file_digest(path: str) -> str:
                 h.update(block)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+def shared_digests(paths: Sequence[str], root: Path, rank: int, world_size: int) -> dict[str, str]:
+    """{path: file_digest(path)} for every path, with each file read once per cluster, not once per rank and run.
+
+    The index ROOT/digests.json keeps earlier runs' digests, valid while a file's size and mtime are unchanged
+    (a stat per path); the rest are split across the ranks and exchanged, and rank 0 writes the merged index
+    (atomically: a killed run leaves the old one)."""
+    index_file = root / DIGEST_INDEX
+    known = _read_digest_index(index_file)
+    out, todo = {}, []
+    for p in paths:
+        st = os.stat(p)
+        entry = known.get(os.path.abspath(p))
+        if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            out[p] = entry[2]
+            _DIGESTS[(os.path.abspath(p), st.st_size, st.st_mtime_ns)] = entry[2]
+        else:
+            todo.append(p)
+    mine = {p: file_digest(p) for p in todo[rank::world_size]}
+    parts = [mine]
+    if dist.is_initialized() and world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    for part in parts:
+        out.update(part)
+    if todo and rank == 0:
+        for p in todo:
+            st = os.stat(p)
+            known[os.path.abspath(p)] = [st.st_size, st.st_mtime_ns, out[p]]
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(index_file, json.dumps(known))
+    return out
+
+
+def _read_digest_index(path: Path) -> dict[str, list]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as err:  # a damaged index only costs the hashing it saved
+        log.warning("feature cache: ignoring the unreadable digest index %s (%s)", path, err)
+        return {}
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
@@ -230,8 +275,11 @@ def compute_features(
 ) -> int:
     """Run the tower over `todo` ({content hash: a path}) in batches; write shards; return images computed.
 
+        Image content hashes are computed once per cluster: the ranks split the files and exchange their digests, and
+    `ROOT/digests.json` keeps them for later runs, keyed by path, size and mtime (`shared_digests`).
+
     Unreadable images are recorded, not raised: the caller applies the bad-sample policy once every rank's
-    shards are written."""
+        shards are written."""
     features: dict[str, torch.Tensor] = {}
     failed: dict[str, SampleError] = {}
     size = done = 0
@@ -358,7 +406,7 @@ def build_feature_cache(
     cache.prepare(rank)
     _barrier()
     paths = _image_paths(dataset)
-    digests = {p: file_digest(p) for p in paths}
+    digests = shared_digests(paths, root, rank, world_size)
     by_digest = {d: p for p, d in sorted(digests.items(), reverse=True)}  # first path per content
     cache.scan(rank)
     missing = cache.missing(list(by_digest))
@@ -453,5 +501,6 @@ __all__ = [
     "file_digest",
     "fingerprint",
     "resolve_root",
+    "shared_digests",
     "setup_feature_cache",
 ]

@@ -146,6 +146,13 @@ class Recipe:
     # ($VLM_FEATURE_CACHE or ~/.cache/vlm/features; off under ZeRO-3) or null (off). See train/feature_cache.py.
     feature_cache: str | None = None
     on_bad_sample: Literal["raise", "skip"] = "raise"  # skip: count and report at the end
+    # DataLoader worker processes per rank that decode, preprocess and collate images while the step runs;
+    # 0: in the training process. Same batches, same order, for any value (vlm/data/loader.py).
+    num_workers: int = 1
+    # Encoded text of each data file kept on disk (vlm/data/encoded_index.py) so later runs, and all ranks of
+    # a node, skip the O(records) template rendering and tokenization: "auto" ($VLM_DATA_CACHE or
+    # ~/.cache/vlm/encoded), a PATH, or null (encode in every process, every run).
+    data_cache: str | None = "auto"
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # eval during training (rank 0)
     # bookkeeping
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
@@ -180,6 +187,8 @@ class Recipe:
                 f"gradient_clipping and weight_decay must be >= 0, got {self.gradient_clipping}, "
                 f"{self.weight_decay}"
             )
+        if self.num_workers < 0:
+            raise RecipeError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.save_every < 0:
             raise RecipeError(f"save_every must be >= 0, got {self.save_every}")
         if not self.data:

@@ -1,0 +1,151 @@
+"""Input-pipeline headroom (issue 18 part 6): images/s the training DataLoader delivers per worker at 336 px,
+against the samples/s one H100 consumes at 45% MFU.
+
+    .venv/bin/python bench/input_pipeline.py [--workers 1,2] [--batches 40] [--size 336] [--node-workers 8]
+
+Delivery (measured here): `vlm data synth` scenes drawn at --size px (PNG), stage 1 caption records, through
+the trainer's own path: SupervisedDataset (decode + CLIP-L/14-336 preprocessing: resize, centre crop, normalise
+to 3x336x336) and `vlm.data.loader.micro_batch_loader` (collation in the worker), micro-batches of 16, timed
+after the first batch of each worker (start-up excluded). Per-worker rate = loader rate / workers.
+
+Consumption (computed): vlm/train/flops.py's model FLOPs of one sample (576 image tokens + a text length,
+forward + backward as the FLOP model counts them) at 45% of the H100 SXM's dense bf16 peak (989 TFLOP/s):
+- stage 1: Qwen2-0.5B-shaped LLM (24 layers, width 896, 14 heads, 2 KV heads, vocab 151,936), frozen LLM and
+  tower, mlp connector trained; text 32 tokens (a caption plus the plain template);
+- stage 2: the qwen2-7b preset, full fine-tuning (stages/stage2.yaml), text 256 tokens (a LLaVA-665K-like
+  multi-turn conversation).
+Headroom = per-worker rate x --node-workers (workers a node would give each GPU) / consumption. The worker
+count multiplies a rate measured on this box's cores: that assumes a node has a free core per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_H100_BF16 = 989e12  # H100 SXM5, dense bf16 (vlm.train.flops.PEAK_BF16_DENSE)
+MFU = 0.45
+IMAGE_TOKENS = 576  # CLIP-L/14-336: (336 / 14)^2 patches, mlp connector keeps all of them
+QWEN2_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+)
+STAGES = (
+    # name, LLM config, LLM trains, text tokens per sample
+    ("stage 1, Qwen2-0.5B shape", ("qwen2", QWEN2_05B), False, 32),
+    ("stage 2, qwen2-7b preset", "qwen2-7b", True, 256),
+)
+
+
+def processor_336():
+    from vlm.build import image_processor_for, prepare_tokenizer, resolve_vision
+    from vlm.processing import VLMProcessor
+    from vlm.templates import chat_template_for
+
+    vision, _, _ = resolve_vision("clip-vit-l-14-336")
+    tokenizer = prepare_tokenizer("llama", 0)
+    return VLMProcessor(
+        image_processor=image_processor_for("clip-vit-l-14-336", vision),
+        tokenizer=tokenizer,
+        num_image_tokens=IMAGE_TOKENS,
+        chat_template=chat_template_for("plain", tokenizer),
+    )
+
+
+def delivered(workers: int, n_batches: int, micro: int, size: int, work: Path) -> float:
+    """Images per second the loader yields with `workers` processes, after each worker's first batch."""
+    from vlm.data.loader import micro_batch_loader
+    from vlm.data.records import load_llava_dataset
+    from vlm.data.samples import SupervisedDataset
+    from vlm.data.synth import generate
+
+    synth = work / f"synth{size}"
+    if not synth.exists():
+        generate(synth, n=micro * 8, seed=0, n_eval=4, image_sizes=(size,), progress=False)
+    processor = processor_336()
+    records = load_llava_dataset(str(synth / "caption_train.jsonl"))
+    dataset = SupervisedDataset(records, processor, "plain")
+    plan = [[(b * micro + i) % len(dataset) for i in range(micro)] for b in range(n_batches)]
+    from vlm.data.collate import Collator
+
+    batches = micro_batch_loader(dataset, Collator(0), plan, len(plan), workers, seed=0)
+    warm = max(1, workers)
+    for _ in range(warm):  # every worker's start-up and first batch
+        first = next(batches)
+    assert first["pixel_values"].shape[1:] == (3, 336, 336), first["pixel_values"].shape
+    started, images = time.perf_counter(), 0
+    for batch in batches:
+        images += batch["pixel_values"].shape[0]
+    return images / (time.perf_counter() - started)
+
+
+def consumed(llm, llm_trains: bool, text_tokens: int) -> tuple[float, float]:
+    """(model FLOPs per sample, samples/s one H100 takes at 45% MFU)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto import CONFIG_MAPPING
+
+    from vlm.build import connector_dict, resolve_llm, resolve_vision
+    from vlm.config import VLMConfig
+    from vlm.train.flops import FlopModel, connector_flops_per_image, linear_weights, tower_flops_per_image
+
+    vision, _, _ = resolve_vision("clip-vit-l-14-336")
+    text = CONFIG_MAPPING[llm[0]](**llm[1]) if isinstance(llm, tuple) else resolve_llm(llm)[0]
+    config = VLMConfig(vision_config=vision, text_config=text, connector=connector_dict("mlp", False, {}))
+    assert config.num_image_tokens == IMAGE_TOKENS
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(text)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    model = FlopModel(
+        llm_linear=linear_weights(lm),
+        llm_attention=4 * text.num_hidden_layers * text.num_attention_heads * head_dim,
+        tower_per_image=tower_flops_per_image(config),
+        connector_per_image=connector_flops_per_image(config),
+        llm_trains=llm_trains,
+    )
+    flops = model.step_flops([IMAGE_TOKENS + text_tokens], n_images=1, tower_ran=True)
+    return flops, MFU * PEAK_H100_BF16 / flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--size", type=int, default=336)
+    parser.add_argument("--node-workers", type=int, default=8)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vlm-input-"))
+    rates = {}
+    for w in (int(x) for x in args.workers.split(",")):
+        rates[w] = delivered(w, args.batches, args.micro, args.size, work)
+        print(f"{w} worker(s): {rates[w]:.1f} images/s delivered, {rates[w] / w:.1f} per worker", flush=True)
+    per_worker = min(r / w for w, r in rates.items())  # the conservative one
+    print(f"\nper-worker rate used: {per_worker:.1f} images/s x {args.node_workers} workers per GPU")
+    print(f"{'stage':28s} {'seq':>5s} {'GFLOP/sample':>13s} {'H100 samples/s':>15s} {'headroom':>9s}")
+    out = {"rates": rates, "per_worker": per_worker, "stages": []}
+    for name, llm, trains, text_tokens in STAGES:
+        flops, rate = consumed(llm, trains, text_tokens)
+        headroom = per_worker * args.node_workers / rate
+        seq = IMAGE_TOKENS + text_tokens
+        print(f"{name:28s} {seq:5d} {flops / 1e9:13.0f} {rate:15.1f} {headroom:8.1f}x")
+        out["stages"].append(
+            {"stage": name, "seq": seq, "flops": flops, "samples_s": rate, "headroom": headroom}
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
