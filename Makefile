@@ -64,7 +64,7 @@ EVAL_ENGINE ?= vllm
 EVAL_BARS   ?=
 EVAL_ARGS   ?=
 
-.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench-serve-realistic bench-lm-head bench reliability reliability-train reliability-caption load soak eval eval-suites
+.PHONY: help bootstrap lock lock-gpu fuzz test-fast demo data base test lint format clean stage0 lm stage1 stage2 serve caption bench-caption bench-serve bench-serve-realistic bench-lm-head real-shapes bench reliability reliability-train reliability-caption load soak eval eval-suites
 
 help:
 	@echo "make demo    data, stage 0 tower, lm, base checkpoints (all connectors), stage 1/2, eval: pass/fail + timings"
@@ -82,6 +82,7 @@ help:
 	@echo "make bench-serve  vLLM vs transformers serving throughput -> BENCHMARKS.md"
 	@echo "make bench-serve-realistic  vlm serve vs transformers servers on a mixed workload (REALISTIC_SCALE=tiny|real)"
 	@echo "make bench-lm-head  LM head + loss at vocab 152k, 2048 tokens: full logits vs supervised only (memory, time)"
+	@echo "make real-shapes  CLIP-L/14-336 + Qwen2-0.5B shape end to end: init, stage 1, ZeRO-3 LoRA, serve, caption"
 	@echo "make bench   performance suite (training step, feature cache, serving, token budget) -> BENCHMARKS.md"
 	@echo "make reliability  SIGKILLed training/captioning, full disk, server load (LOAD_C, LOAD_S) -> RELIABILITY.md"
 	@echo "make soak    SOAK_N (10000) requests against SERVE_CKPT: server RSS against requests answered"
@@ -254,6 +255,12 @@ bench-serve-realistic: $(STAMP)
 # The LM head at Qwen2-0.5B's vocabulary (issue 18): one process per variant, figures printed (~10 min on 2 cores).
 bench-lm-head: $(STAMP)
 	$(BIN)/python bench/lm_head_memory.py
+# The whole path at real shapes with random weights (bench/real_shapes.py): clip-vit-l-14-336 + qwen2-0.5b + mlp
+# through init, stage 1, 2-rank ZeRO-3 LoRA stage 2 with a text-only rank, merge, serve (4 chats) and caption
+# (8 images); per phase wall time, peak RSS and s/step into BENCHMARKS.md. Budget: 30 min, 20 GiB (exit 1 past it).
+REAL_SHAPES_ARGS ?= --write
+real-shapes: $(STAMP)
+	$(BIN)/python bench/real_shapes.py --scale real $(REAL_SHAPES_ARGS)
 
 # The CPU performance suite (~10-15 min): one table of side-by-side ratios + peak memory -> BENCHMARKS.md.
 # One thread per process unless OMP_NUM_THREADS is set: phases run one at a time, vLLM's three processes share.

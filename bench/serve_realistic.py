@@ -16,7 +16,7 @@ Closed loop at each `--concurrency` (each client sends its next request when the
 Poisson arrivals at each `--rates` (requests/s, latencies from the scheduled arrival).
 - tiny: the trained demo checkpoint (runs/mlp/stage2/final, else checkpoints/base-mlp); answers stop at EOS,
   max_tokens 16.
-- real: CLIP-L/14-336 + a Qwen2-0.5B-shaped LLM (random init, built here with vlm's builders) per connector;
+- real: CLIP-L/14-336 + the qwen2-0.5b preset (random init, as `vlm init` builds it) per connector;
   each request's max_tokens is drawn from a log-normal (median `--median-tokens`, sigma 0.6, clipped to 4-256),
   with ignore_eos, since random weights do not stop.
 
@@ -60,17 +60,6 @@ SCALES = {  # defaults per scale; every one is a flag
         requests=32, concurrency="1,8,32", rates="0.1,0.3", slo_ttft_ms=10000, slo_tpot_ms=1000, warmup=2
     ),
 }
-QWEN2_05B = dict(  # Qwen/Qwen2-0.5B's config.json
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -80,26 +69,17 @@ def tiny_checkpoint() -> Path:
 
 
 def real_checkpoint(work: Path, connector: str) -> Path:
-    """CLIP-L/14-336 (vlm's preset) + a random Qwen2-0.5B-shaped LLM with the tiny tokenizer (its full vocabulary
-    kept: the LM head is 18% of the LLM's weights), through `build_base_model` as `vlm init` builds any base
-    checkpoint; bf16 on disk. Built once under `work` and reused."""
+    """CLIP-L/14-336 + the qwen2-0.5b preset (Qwen2-0.5B's shape, its full 151,936-token vocabulary kept: the LM
+    head is 18% of the LLM's weights; the tiny tokenizer) as `vlm init` builds it; bf16 on disk. Built once under
+    `work` and reused."""
     out = work / f"clip-l336+qwen2-0.5b-{connector}"
     if (out / "config.json").is_file():
         return out
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from vlm.build import build_base_model, fit_text_config, prepare_tokenizer, save_checkpoint
+    from vlm.build import build_base_model, save_checkpoint
 
-    llm_dir = work / "qwen2-0.5b-shape"
-    if not (llm_dir / "config.json").is_file():
-        tokenizer = prepare_tokenizer("qwen2", seed=0)
-        config = Qwen2Config(**QWEN2_05B)
-        fit_text_config(config, tokenizer, pretrained=True)
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(llm_dir)
-        tokenizer.save_pretrained(llm_dir)
-    model, processor = build_base_model("clip-vit-l-14-336", str(llm_dir), connector, seed=0)
+    model, processor = build_base_model("clip-vit-l-14-336", "qwen2-0.5b", connector, seed=0)
     return save_checkpoint(model.to(torch.bfloat16), processor, out)
 
 

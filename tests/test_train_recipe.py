@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from vlm.train.freeze import apply_freeze_policy, format_parameter_table, parameter_counts
-from vlm.train.launch import launcher_command
+from vlm.train.launch import launcher_command, remove_shm_buffers
 from vlm.train.recipe import RecipeError, load_recipe
 
 STAGES = ["stages/stage1.yaml", "stages/stage2.yaml", "stages/stage2_lora.yaml", "stages/stage2_qlora.yaml"]
@@ -135,6 +135,24 @@ def test_launcher_command_single_node_and_hostfile(tmp_path):
     assert "--num_gpus" not in multi and multi[-1] == "--resume"
     with pytest.raises(FileNotFoundError, match="hostfile not found"):
         launcher_command("stages/stage2.yaml", [], hostfile=str(tmp_path / "missing"))
+
+
+def test_a_runs_shm_buffers_are_removed_and_no_others(tmp_path):
+    """DeepSpeed's CPU comm op never unlinks its per-rank buffers; `vlm train` removes its own run's, by port."""
+    import os
+
+    uid = os.getuid()
+    ours = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_1234_{rank}" for rank in (0, 1)]
+    others = [
+        f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_12345_0",  # another run: a port that starts the same
+        f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_1234_0",  # another user's
+        "psm_1234",
+    ]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_shm_buffers(1234, shm=tmp_path)
+    assert sorted(p.name for p in removed) == ours
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
 
 
 def test_make_stage2_with_a_hostfile_builds_a_multinode_launch(tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -352,6 +353,8 @@ def test_zero3_rank_with_a_text_only_micro_batch_neither_hangs_nor_changes_the_l
     assert proc.returncode == 0, log[-3000:]
     got = losses(out)
     assert len(got) == 2
+    # rank 0 logs which rank had the text-only sample, every step (one sample per rank, two records)
+    assert len(re.findall(r"step \d: text-only micro-batches by rank \{[01]: 1\}", log)) == 2, log[-3000:]
     expected = _text_only_step_loss(workspace / "base", [image, text])
     assert got[0] == pytest.approx(expected, rel=0, abs=1e-5)
 

@@ -96,7 +96,7 @@ def _tiny_tokenizer(seed: int):
 
 
 def fit_text_config(text_config: PretrainedConfig, tokenizer, pretrained: bool) -> None:
-    """The LLM config's vocabulary and special ids from the tokenizer (a pretrained LLM keeps a larger vocab)."""
+    """The LLM config's vocabulary and special ids from the tokenizer (`pretrained`: keep a larger vocab)."""
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer)) if pretrained else len(tokenizer)
     for name in ("bos", "eos", "pad"):
         setattr(text_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
@@ -162,7 +162,10 @@ def build_base_model(
     text_config, llm_model, llm_source = resolve_llm(llm)
     tokenizer = prepare_tokenizer(llm, seed)
     tiny = bool(tiny_preset_of(vision_config, TOWER_PRESETS) and tiny_preset_of(text_config, LLM_PRESETS))
-    fit_text_config(text_config, tokenizer, pretrained=llm_model is not None)
+    # A real-size preset (qwen2-0.5b) keeps its vocabulary, as a pretrained LLM does: the tiny tokenizer fills its
+    # first ids and the embedding and head keep their real size (152k rows: the logits' real cost).
+    keep_vocab = llm_model is not None or not LLM_PRESETS[llm].tiny
+    fit_text_config(text_config, tokenizer, pretrained=keep_vocab)
 
     config = VLMConfig(
         vision_config=vision_config,

@@ -87,6 +87,22 @@ LLM_PRESETS: dict[str, Preset] = {
     "qwen2": Preset(
         "qwen2", {**_TINY_TEXT, "num_key_value_heads": 1}, tiny=True, note="tiny Qwen2 (GQA), head_dim 64"
     ),
+    "qwen2-0.5b": Preset(
+        "qwen2",
+        dict(  # Qwen/Qwen2-0.5B's config.json (make real-shapes trains and serves it with random weights)
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        ),
+        tiny=False,
+        note="Qwen2-0.5B shape: head_dim 64, GQA 14/2, tied 151,936-token embedding",
+    ),
     "llama-7b": Preset(
         "llama",
         dict(

@@ -187,8 +187,15 @@ class Trainer:
         """Forward/backward over the accumulation window; returns (loss, supervised tokens, samples), global."""
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         local_samples = sum(b.get("n_samples", len(b["ids"])) for b in micro_batches)
-        counts = all_reduce_sum(torch.tensor([local_tokens, local_samples], dtype=torch.float64))
+        local = torch.zeros(2 + self.world_size, dtype=torch.float64)
+        local[0], local[1] = local_tokens, local_samples
+        local[2 + self.rank] = sum(_text_only(b) for b in micro_batches)
+        counts = all_reduce_sum(local)
         global_tokens, global_samples = int(counts[0]), int(counts[1])
+        # The case where ZeRO-3 ranks could diverge in their collectives (one rank without an image): say it ran.
+        text_only = {rank: int(n) for rank, n in enumerate(counts[2:].tolist()) if n}
+        if text_only and self.rank == 0:
+            log.info("step %d: text-only micro-batches by rank %s", self.engine.global_steps + 1, text_only)
         if global_tokens == 0:
             raise ValueError(
                 f"a step with no supervised tokens: samples {[i for b in micro_batches for i in b['ids']]}"
@@ -331,6 +338,12 @@ class Trainer:
         for row in self.metrics.read():  # the smoothed curves continue where they were
             self.source_ema.update(row.get("source_loss", {}))
         return state["step"], state["micro_batches_done"]
+
+
+def _text_only(batch: dict) -> bool:
+    """A micro-batch of a multimodal run with no image in it (text datasets carry no image key at all)."""
+    images = batch.get("pixel_values", batch.get("image_features"))
+    return images is not None and len(images) == 0
 
 
 def trainer_class(recipe: Recipe) -> type[Trainer]:

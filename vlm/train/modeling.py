@@ -163,7 +163,8 @@ def save_final_checkpoint(engine, processor: VLMProcessor, recipe: Recipe, out: 
         if rank == 0:
             from ..export import merge_lora
 
-            merged, merged_processor = merge_lora(adapter, base=recipe.model)
+            with _zero3_init_off():
+                merged, merged_processor = merge_lora(adapter, base=recipe.model)
             shutil.rmtree(staging, ignore_errors=True)
             save_checkpoint(merged, merged_processor, staging)
     else:
@@ -179,6 +180,20 @@ def save_final_checkpoint(engine, processor: VLMProcessor, recipe: Recipe, out: 
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+@contextlib.contextmanager
+def _zero3_init_off():
+    """from_pretrained on rank 0 alone, not under zero.Init: its partitioning is a collective that the other
+    ranks, waiting at the final barrier, never join (2-rank ZeRO-3 LoRA runs hung at the merge)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if _HF_DS_CONFIG is not None:
+            set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
 def _save_adapter(engine, processor, adapter: Path, rank: int) -> Path:
