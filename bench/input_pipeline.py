@@ -10,7 +10,7 @@ after the first batch of each worker (start-up excluded). Per-worker rate = load
 
 Consumption (computed): vlm/train/flops.py's model FLOPs of one sample (576 image tokens + a text length,
 forward + backward as the FLOP model counts them) at 45% of the H100 SXM's dense bf16 peak (989 TFLOP/s):
-- stage 1: Qwen2-0.5B-shaped LLM (24 layers, width 896, 14 heads, 2 KV heads, vocab 151,936), frozen LLM and
+- stage 1: the qwen2-0.5b preset (24 layers, width 896, 14 heads, 2 KV heads, vocab 151,936), frozen LLM and
   tower, mlp connector trained; text 32 tokens (a caption plus the plain template);
 - stage 2: the qwen2-7b preset, full fine-tuning (stages/stage2.yaml), text 256 tokens (a LLaVA-665K-like
   multi-turn conversation).
@@ -31,19 +31,9 @@ import torch
 PEAK_H100_BF16 = 989e12  # H100 SXM5, dense bf16 (vlm.train.flops.PEAK_BF16_DENSE)
 MFU = 0.45
 IMAGE_TOKENS = 576  # CLIP-L/14-336: (336 / 14)^2 patches, mlp connector keeps all of them
-QWEN2_05B = dict(
-    hidden_size=896,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    intermediate_size=4864,
-    vocab_size=151936,
-    max_position_embeddings=32768,
-    tie_word_embeddings=True,
-)
 STAGES = (
     # name, LLM config, LLM trains, text tokens per sample
-    ("stage 1, Qwen2-0.5B shape", ("qwen2", QWEN2_05B), False, 32),
+    ("stage 1, qwen2-0.5b preset", "qwen2-0.5b", False, 32),
     ("stage 2, qwen2-7b preset", "qwen2-7b", True, 256),
 )
 
@@ -93,14 +83,13 @@ def delivered(workers: int, n_batches: int, micro: int, size: int, work: Path) -
 def consumed(llm, llm_trains: bool, text_tokens: int) -> tuple[float, float]:
     """(model FLOPs per sample, samples/s one H100 takes at 45% MFU)."""
     from transformers import AutoModelForCausalLM
-    from transformers.models.auto import CONFIG_MAPPING
 
     from vlm.build import connector_dict, resolve_llm, resolve_vision
     from vlm.config import VLMConfig
     from vlm.train.flops import FlopModel, connector_flops_per_image, linear_weights, tower_flops_per_image
 
     vision, _, _ = resolve_vision("clip-vit-l-14-336")
-    text = CONFIG_MAPPING[llm[0]](**llm[1]) if isinstance(llm, tuple) else resolve_llm(llm)[0]
+    text = resolve_llm(llm)[0]
     config = VLMConfig(vision_config=vision, text_config=text, connector=connector_dict("mlp", False, {}))
     assert config.num_image_tokens == IMAGE_TOKENS
     with torch.device("meta"):
