@@ -28,3 +28,20 @@ def set_engine_env(verbose: bool = False) -> None:
     if "VLLM_LOGGING_LEVEL" in os.environ:
         # Until the engine configures vLLM's loggers (at LLM()), their records reach our root handler.
         logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
+def engine_dtype(requested: str) -> str:
+    """The dtype to give vLLM: `auto` means float32 on a CPU without native bf16 (no AVX512-BF16 or AMX).
+
+    vLLM's `auto` turns a float32 checkpoint into bfloat16 on its CPU backend, and on an AVX2-only CPU bf16 matmuls
+    are emulated: `make real-shapes` measured a Qwen2-0.5B-shaped chat at minutes instead of seconds. With a GPU,
+    or a CPU with native bf16, `auto` is left to vLLM.
+    """
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return requested
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return requested if native_bf16 else "float32"

@@ -152,7 +152,7 @@ class VLLMEngine(_Engine):
         max_model_len: int | None = None,
         verbose: bool = False,
     ):
-        from ..vllm_env import set_engine_env
+        from ..vllm_env import engine_dtype, set_engine_env
 
         super().__init__(checkpoint, batch_size)
         set_engine_env(verbose=verbose)  # verbose: vLLM's INFO logs too
@@ -160,7 +160,7 @@ class VLLMEngine(_Engine):
 
         self.llm = LLM(
             model=str(checkpoint),
-            dtype=dtype,
+            dtype=engine_dtype(dtype),
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max(1, max_images)},
             enforce_eager=enforce_eager,

@@ -232,7 +232,7 @@ def caption_prompt(checkpoint: Path, prompt: str) -> str:
 
 def start_engine(args: argparse.Namespace, checkpoint: Path) -> Generate:
     """An offline vLLM engine as a function: images -> greedy captions."""
-    from ..vllm_env import set_engine_env
+    from ..vllm_env import engine_dtype, set_engine_env
 
     set_engine_env(verbose=getattr(args, "verbose", False))
     from vllm import LLM, SamplingParams
@@ -240,7 +240,7 @@ def start_engine(args: argparse.Namespace, checkpoint: Path) -> Generate:
     prompt = caption_prompt(checkpoint, args.prompt)
     llm = LLM(
         model=str(checkpoint),
-        dtype=args.dtype,
+        dtype=engine_dtype(args.dtype),
         max_model_len=args.max_model_len,
         limit_mm_per_prompt={"image": 1},
         enforce_eager=args.enforce_eager,

@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..vllm_env import engine_dtype
 from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
         "--host", args.host,
         "--port", str(args.port),
         "--served-model-name", served_name,
-        "--dtype", args.dtype,
+        "--dtype", engine_dtype(args.dtype),
         "--limit-mm-per-prompt", f'{{"image": {args.max_images}}}',
         "--middleware", "vlm.serve.guard.MediaGuard",
         "--disable-uvicorn-access-log",
