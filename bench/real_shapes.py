@@ -18,9 +18,10 @@ Phases, each its own `vlm` command in a subprocess, in this order:
   caption  `vlm caption` on the eval images (offline vLLM)
 
 Per phase: wall time and the peak memory of its process tree, sampled every 0.5 s with psutil: the largest sum
-of RSS over the tree (shared pages counted once per process: an upper bound) and the largest single process's
-RSS. Training phases also get the time per optimizer step, from their metrics.jsonl. real: the budget is
-<= 30 min and <= 20 GiB (the tree RSS), and the script exits 1 when a phase fails or the budget is missed.
+of PSS over the tree (each shared page split among the processes that map it: the tree's real footprint), the
+largest sum of RSS (shared pages counted once per process: an upper bound) and the largest single process's RSS.
+Training phases also get the time per optimizer step, from their metrics.jsonl. real: the budget is <= 30 min
+and <= 20 GiB (the tree PSS), and the script exits 1 when a phase fails or the budget is missed.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Phase:
     name: str
     command: str
     wall_s: float = 0.0
-    tree_rss: int = 0  # the largest sum of RSS over the process tree
+    tree_pss: int = 0  # the largest sum of PSS over the process tree: shared pages split among their users
+    tree_rss: int = 0  # the largest sum of RSS over the process tree (shared pages counted once per process)
     max_rss: int = 0  # the largest single process
     ok: bool = False
     steps: list[float] = field(default_factory=list)  # training: seconds per optimizer step
@@ -90,7 +92,7 @@ class TreeSampler:
 
     def __init__(self, pid: int, interval: float = 0.5):
         self.root, self.interval = psutil.Process(pid), interval
-        self.tree_rss = self.max_rss = 0
+        self.tree_pss = self.tree_rss = self.max_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -101,14 +103,17 @@ class TreeSampler:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            rss = []
+            rss, pss = [], []
             for p in procs:
                 try:
-                    rss.append(p.memory_info().rss)
+                    full = p.memory_full_info()  # Linux: from /proc/PID/smaps_rollup
+                    rss.append(full.rss)
+                    pss.append(full.pss)
                 except psutil.NoSuchProcess:
                     pass
             if rss:
                 self.tree_rss, self.max_rss = max(self.tree_rss, sum(rss)), max(self.max_rss, max(rss))
+                self.tree_pss = max(self.tree_pss, sum(pss))
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
@@ -126,10 +131,10 @@ def run_phase(phase: Phase, cmd: list[str], log: Path, env: dict | None = None) 
         rc = proc.wait()
         sampler.stop()
     phase.wall_s, phase.ok = time.perf_counter() - t0, rc == 0
-    phase.tree_rss, phase.max_rss = sampler.tree_rss, sampler.max_rss
+    phase.tree_pss, phase.tree_rss, phase.max_rss = sampler.tree_pss, sampler.tree_rss, sampler.max_rss
     status = "ok" if phase.ok else f"FAILED (exit {rc}), log: {log}"
     print(
-        f"[{phase.name}] {phase.wall_s:.1f} s, peak tree RSS {phase.tree_rss / GIB:.2f} GiB: {status}",
+        f"[{phase.name}] {phase.wall_s:.1f} s, peak tree PSS {phase.tree_pss / GIB:.2f} GiB: {status}",
         flush=True,
     )
     if not phase.ok:
@@ -236,9 +241,9 @@ def serve_phase(ckpt: Path, s: Scale, logs: Path) -> Phase:
         sampler.stop()
         stop(proc)
     phase.wall_s = time.perf_counter() - t0
-    phase.tree_rss, phase.max_rss = sampler.tree_rss, sampler.max_rss
+    phase.tree_pss, phase.tree_rss, phase.max_rss = sampler.tree_pss, sampler.tree_rss, sampler.max_rss
     print(
-        f"[serve] {phase.wall_s:.1f} s, peak tree RSS {phase.tree_rss / GIB:.2f} GiB: {phase.note}",
+        f"[serve] {phase.wall_s:.1f} s, peak tree PSS {phase.tree_pss / GIB:.2f} GiB: {phase.note}",
         flush=True,
     )
     return phase
@@ -316,8 +321,9 @@ def gib(n: int) -> str:
 
 
 def table(phases: list[Phase]) -> list[str]:
-    rows = ["| phase | command | wall s | peak RSS, tree GiB | largest process GiB | s / step | ok | notes |",
-            "| --- | --- | ---: | ---: | ---: | --- | --- | --- |"]  # fmt: skip
+    rows = ["| phase | command | wall s | peak PSS, tree GiB | peak RSS sum, tree GiB | largest process RSS GiB "
+            "| s / step | ok | notes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]  # fmt: skip
     for p in phases:
         per_step = ""
         if p.steps:
@@ -325,16 +331,17 @@ def table(phases: list[Phase]) -> list[str]:
             per_step = (
                 f"{', '.join(f'{t:.1f}' for t in p.steps)} (after the first: {sum(rest) / len(rest):.1f})"
             )
-        rows.append(f"| {p.name} | `{p.command}` | {p.wall_s:.0f} | {gib(p.tree_rss)} | {gib(p.max_rss)} | "
+        rows.append(f"| {p.name} | `{p.command}` | {p.wall_s:.0f} | {gib(p.tree_pss)} | {gib(p.tree_rss)} | "
+                    f"{gib(p.max_rss)} | "
                     f"{per_step} | {'yes' if p.ok else '**no**'} | {p.note} |")  # fmt: skip
     total = sum(p.wall_s for p in phases)
-    peak = max((p.tree_rss for p in phases), default=0)
-    rows.append(f"| total | | {total:.0f} | {gib(peak)} (max) | | | | |")
+    peak = max((p.tree_pss for p in phases), default=0)
+    rows.append(f"| total | | {total:.0f} | {gib(peak)} (max) | | | | | |")
     return rows
 
 
 def budget_lines(phases: list[Phase], scale: str, expected: int) -> tuple[list[str], bool]:
-    total, peak = sum(p.wall_s for p in phases), max((p.tree_rss for p in phases), default=0)
+    total, peak = sum(p.wall_s for p in phases), max((p.tree_pss for p in phases), default=0)
     done = len(phases) == expected and all(p.ok for p in phases)
     lines = [
         f"- Every phase ran and passed its check: **{'yes' if done else 'no'}** ({len(phases)} of {expected})."
@@ -343,7 +350,7 @@ def budget_lines(phases: list[Phase], scale: str, expected: int) -> tuple[list[s
         return lines, done
     in_time, in_memory = total <= BUDGET_S, peak <= BUDGET_BYTES
     lines += [f"- Wall time {total / 60:.1f} min (budget 30 min): **{'met' if in_time else 'missed'}**.",
-              f"- Peak tree RSS {gib(peak)} GiB (budget 20 GiB): **{'met' if in_memory else 'missed'}**."]  # fmt: skip
+              f"- Peak tree PSS {gib(peak)} GiB (budget 20 GiB): **{'met' if in_memory else 'missed'}**."]  # fmt: skip
     return lines, done and in_time and in_memory
 
 
@@ -387,8 +394,9 @@ def main() -> int:
           f"1-min load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other work shares the "
           f"cores: wall times are upper bounds).",
           f"Model: tower `{s.tower}`, LLM `{s.llm}`, connector mlp, random init; images {s.image_size} px; "
-          f"max_length {s.max_length}; {s.steps} steps per stage. Peak RSS: psutil every 0.5 s over the phase's "
-          f"process tree (sum: shared pages counted once per process, an upper bound; and the largest process).",
+          f"max_length {s.max_length}; {s.steps} steps per stage. Peak memory: psutil every 0.5 s over the phase's "
+          f"process tree: the sum of PSS (the budget), the sum of RSS (shared pages counted once per process, an "
+          f"upper bound) and the largest process's RSS.",
           "", *table(phases), "", *verdict]  # fmt: skip
     text = "\n".join(md)
     print("\n" + text)

@@ -29,9 +29,9 @@ def test_real_shapes_script_runs_every_phase_at_tiny_scale(tmp_path):
     }
     for phase in PHASES:
         cells = [c.strip() for c in rows[phase].strip("|").split("|")]
-        wall, tree_rss, ok = float(cells[2]), float(cells[3]), cells[6]
-        assert ok == "yes" and wall > 0 and tree_rss > 0, rows[phase]
+        wall, tree_pss, tree_rss, ok = float(cells[2]), float(cells[3]), float(cells[4]), cells[7]
+        assert ok == "yes" and wall > 0 and 0 < tree_pss <= tree_rss, rows[phase]
     for stage in ("stage1", "stage2"):
-        assert len(rows[stage].split(" | ")[5].split("(")[0].split(",")) == 2  # seconds for each of 2 steps
+        assert len(rows[stage].split(" | ")[6].split("(")[0].split(",")) == 2  # seconds for each of 2 steps
     assert "steps with a text-only rank in the log: 2 of 2" in rows["stage2"]
     assert "2 captions written" in rows["caption"]
