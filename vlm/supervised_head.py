@@ -55,9 +55,8 @@ def supervised_head_loss(
     token_losses = F.cross_entropy(logits, targets, reduction="none")
     total = token_losses.sum()
     if num_items_in_batch is None:
-        loss = (
-            total / keep.sum()
-        )  # the token mean; 0/0 = nan without a supervised token, as transformers gives
+        # The token mean; 0/0 = nan without a supervised token, as transformers gives.
+        loss = total / keep.sum()
     else:
         loss = total / torch.as_tensor(num_items_in_batch, device=total.device)
     return loss, token_losses.detach()

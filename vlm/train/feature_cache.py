@@ -83,16 +83,16 @@ def shared_digests(paths: Sequence[str], root: Path, rank: int, world_size: int)
     (atomically: a killed run leaves the old one)."""
     index_file = root / DIGEST_INDEX
     known = _read_digest_index(index_file)
-    out, todo = {}, []
+    out, todo = {}, {}  # todo: {path: (absolute path, size, mtime_ns)}, the stat taken once
     for p in paths:
         st = os.stat(p)
-        entry = known.get(os.path.abspath(p))
+        key = (os.path.abspath(p), st.st_size, st.st_mtime_ns)
+        entry = known.get(key[0])
         if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            out[p] = entry[2]
-            _DIGESTS[(os.path.abspath(p), st.st_size, st.st_mtime_ns)] = entry[2]
+            out[p] = _DIGESTS[key] = entry[2]
         else:
-            todo.append(p)
-    mine = {p: file_digest(p) for p in todo[rank::world_size]}
+            todo[p] = key
+    mine = {p: file_digest(p) for p in list(todo)[rank::world_size]}
     parts = [mine]
     if dist.is_initialized() and world_size > 1:
         parts = [None] * world_size
@@ -100,9 +100,8 @@ def shared_digests(paths: Sequence[str], root: Path, rank: int, world_size: int)
     for part in parts:
         out.update(part)
     if todo and rank == 0:
-        for p in todo:
-            st = os.stat(p)
-            known[os.path.abspath(p)] = [st.st_size, st.st_mtime_ns, out[p]]
+        for p, (path, size, mtime) in todo.items():
+            known[path] = [size, mtime, out[p]]
         root.mkdir(parents=True, exist_ok=True)
         _atomic_write(index_file, json.dumps(known))
     return out
@@ -275,11 +274,8 @@ def compute_features(
 ) -> int:
     """Run the tower over `todo` ({content hash: a path}) in batches; write shards; return images computed.
 
-        Image content hashes are computed once per cluster: the ranks split the files and exchange their digests, and
-    `ROOT/digests.json` keeps them for later runs, keyed by path, size and mtime (`shared_digests`).
-
     Unreadable images are recorded, not raised: the caller applies the bad-sample policy once every rank's
-        shards are written."""
+    shards are written."""
     features: dict[str, torch.Tensor] = {}
     failed: dict[str, SampleError] = {}
     size = done = 0
