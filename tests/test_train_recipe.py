@@ -275,3 +275,16 @@ def test_gradient_clipping_reaches_the_deepspeed_config(tmp_path):
             _write(tmp_path, BASE + f"gradient_clipping: {clip}\ndeepspeed: stages/zero3.json\n")
         )
         assert deepspeed_config(recipe, 1, False)["gradient_clipping"] == clip
+
+
+def test_cpu_ranks_get_a_fixed_mmap_threshold_unless_the_user_set_one(monkeypatch):
+    import vlm.train.launch as launch
+
+    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert launch.launch_env(2)["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    assert launch.launch_env(2)["MALLOC_MMAP_THRESHOLD_"] == "4096"
+    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert "MALLOC_MMAP_THRESHOLD_" not in launch.launch_env(1)

@@ -57,12 +57,20 @@ def launcher_command(
     return cmd
 
 
+CPU_MMAP_THRESHOLD = 1 << 20  # bytes; see launch_env
+
+
 def launch_env(num_procs: int) -> dict[str, str]:
     env = dict(os.environ)
     if not _has_cuda():
         # Share the cores between CPU ranks instead of oversubscribing them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(num_procs, 1))))
         env.setdefault("DS_ACCELERATOR", "cpu")
+        # glibc raises its mmap threshold to the size of each freed block (up to 32 MiB), so ZeRO-3's gathered
+        # parameters and the activations, all on the CPU heap, then fragment it and are never given back: a
+        # real-shape 2-rank LoRA stage 2 grew to 20.0 GiB PSS. A fixed 1 MiB threshold returns such blocks to the
+        # kernel on free: 11.6 GiB, the same losses (BENCHMARKS.md, real shapes).
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(CPU_MMAP_THRESHOLD))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
