@@ -7,7 +7,8 @@ against the samples/s one H100 consumes at 45% MFU.
 Delivery (measured here): `vlm data synth` scenes drawn at --size px (PNG), stage 1 caption records, through
 the trainer's own path: SupervisedDataset (decode + CLIP-L/14-336 preprocessing: resize, centre crop, normalise
 to 3x336x336) and `vlm.data.loader.micro_batch_loader` (collation in the worker), micro-batches of 16, timed
-after the first batch of each worker (start-up excluded). Per-worker rate = loader rate / workers.
+after the first batch of each worker (start-up excluded). Per-worker rate = loader rate / workers, taken from
+the runs where every worker and the training process had a core of their own (`per_worker_rate`).
 --images photos swaps the flat-colour PNG scenes for 640x480 JPEG photo stand-ins (gradients, shapes and sensor
 noise, quality 90: the size of a COCO / CC3M image), which cost a real decode and a real resize to 336.
 
@@ -103,7 +104,7 @@ def delivered(workers: int, n_batches: int, micro: int, size: int, work: Path, i
     if images == "photos":
         manifest = synth / "caption_photos.jsonl"
         if not manifest.exists():
-            photo_records(synth)
+            manifest = photo_records(synth)
     processor = processor_336()
     records = load_llava_dataset(str(manifest))
     dataset = SupervisedDataset(records, processor, "plain")
