@@ -352,3 +352,21 @@ def test_llava_export_refuses_a_tiled_checkpoint(tmp_path):
     model, processor = anyres("mlp", 1)
     with pytest.raises(ValueError, match=r"llava-hf export needs image_policy single with pool 1"):
         export_llava_hf(model, processor, tmp_path / "llava")
+
+
+def test_an_image_too_small_to_tile_is_a_counted_skip(tmp_path):
+    from vlm.data.samples import SupervisedDataset
+
+    _, processor = anyres()
+    records = []
+    for name, size in {"ok": (64, 32), "tiny": (20, 16)}.items():
+        path = tmp_path / f"{name}.png"
+        noise(size).save(path)
+        conversation = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a."}]
+        records.append({"id": name, "images": [str(path)], "conversations": conversation})
+    ds = SupervisedDataset(records, processor, "chatml", on_error="skip")
+    assert ds.ids == ["ok"] and ds.skipped_ids == {"bad_image_size": ["tiny"]}
+    with pytest.raises(
+        ValueError, match=r"sample 'tiny': bad_image_size: image 20x16 px is smaller than one 32 px"
+    ):
+        SupervisedDataset(records, processor, "chatml")
