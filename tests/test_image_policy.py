@@ -370,3 +370,19 @@ def test_an_image_too_small_to_tile_is_a_counted_skip(tmp_path):
         ValueError, match=r"sample 'tiny': bad_image_size: image 20x16 px is smaller than one 32 px"
     ):
         SupervisedDataset(records, processor, "chatml")
+
+
+def test_a_stage1_connector_moves_with_its_newline_and_only_under_the_same_policy(build, tmp_path):
+    from vlm.train.modeling import load_connector
+
+    model, processor = anyres()
+    stage1 = save_checkpoint(model, processor, tmp_path / "stage1")
+    target, _ = build_base_model("clip", "llama", "mlp", seed=1, image_policy={"type": "anyres"})
+    assert not torch.equal(target.connector.image_newline, model.connector.image_newline)
+    load_connector(target, str(stage1))
+    assert torch.equal(target.connector.image_newline, model.connector.image_newline)
+    single, single_processor = build("clip", "llama", "mlp")
+    with pytest.raises(
+        ValueError, match=r"image_policy is \{'type': 'single', 'pool': 1\}, but the model has"
+    ):
+        load_connector(target, str(save_checkpoint(single, single_processor, tmp_path / "single")))
