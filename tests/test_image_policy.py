@@ -372,7 +372,7 @@ def test_an_image_too_small_to_tile_is_a_counted_skip(tmp_path):
         SupervisedDataset(records, processor, "chatml")
 
 
-def test_a_stage1_connector_moves_with_its_newline_and_only_under_the_same_policy(build, tmp_path):
+def test_a_stage1_connector_moves_with_its_newline_and_only_under_the_same_policy(tmp_path):
     from vlm.train.modeling import load_connector
 
     model, processor = anyres()
@@ -381,7 +381,8 @@ def test_a_stage1_connector_moves_with_its_newline_and_only_under_the_same_polic
     assert not torch.equal(target.connector.image_newline, model.connector.image_newline)
     load_connector(target, str(stage1))
     assert torch.equal(target.connector.image_newline, model.connector.image_newline)
-    single, single_processor = build("clip", "llama", "mlp")
+    # Built here, not the session's cached model: other tests may set attributes on that one's configs.
+    single, single_processor = build_base_model("clip", "llama", "mlp", seed=1)
     with pytest.raises(
         ValueError, match=r"image_policy is \{'type': 'single', 'pool': 1\}, but the model has"
     ):
