@@ -23,6 +23,7 @@ from .connectors import connector_config_from_dict, get_connector_class
 from .context import check_context
 from .model import VLMForConditionalGeneration
 from .plugins import load_plugin
+from .policies import pool_patches
 from .presets import LLM_PRESETS, TOWER_PRESETS, tiny_preset_of
 from .processing import VLMProcessor
 from .templates import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, chat_template_for, get_template
@@ -156,7 +157,9 @@ def build_base_model(
     connector_options: dict[str, Any] | None = None,
     vision_feature_layer: int = -2,
     vision_feature_select_strategy: str | None = None,
+    image_policy: dict[str, Any] | None = None,
 ) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
+    """image_policy: `{"type": "single" | "anyres", ...}` (vlm/policies); None is `single`."""
     set_seed(seed)
     vision_config, tower_model, tower_source = resolve_vision(tower)
     text_config, llm_model, llm_source = resolve_llm(llm)
@@ -171,6 +174,7 @@ def build_base_model(
         vision_config=vision_config,
         text_config=text_config,
         connector=connector_dict(connector, tiny, connector_options or {}),
+        image_policy=image_policy,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
@@ -182,6 +186,7 @@ def build_base_model(
         tokenizer=tokenizer,
         num_image_tokens=config.num_image_tokens,
         chat_template=chat_template_for(DEFAULT_CHAT_TEMPLATE, tokenizer),  # BOS where the tokenizer adds it
+        image_policy=config.image_policy,
     )
     # Before building a model that could not serve one image.
     check_context(config, processor, f"--tower {tower} --llm {llm}")
@@ -210,6 +215,7 @@ def calibrate_connector(model: VLMForConditionalGeneration, seed: int, n_probe: 
     pixels = torch.randn(n_probe, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         features = model.get_tower_features(pixels.to(model.vision_tower.dtype))
+        features = pool_patches(features, model.config.image_policy_config.pool)
     scale = model.connector.calibrate_output_scale(features, target)
     log.info("connector output scale %.4g (text embedding RMS %.4g)", scale, target)
     return scale
@@ -260,6 +266,8 @@ def describe(model: VLMForConditionalGeneration) -> dict[str, Any]:
         "llm": cfg.text_config.model_type,
         "connector": cfg.connector["type"],
         "image_tokens": cfg.num_image_tokens,
+        "image_policy": cfg.image_policy,
+        "max_image_tokens": cfg.max_image_tokens,
         "parameters": counts,
         "head_dim": text_head_dim(cfg.text_config),
     }

@@ -38,6 +38,29 @@ def connector_arg(value: str) -> str | dict[str, Any]:
     return value
 
 
+def grids_arg(value: str) -> list[list[int]]:
+    """`1x2,2x1,2x2`: (rows x cols) tile grids for the anyres policy."""
+    grids = []
+    for item in value.split(","):
+        rows, sep, cols = item.strip().lower().partition("x")
+        if not (sep and rows.isdigit() and cols.isdigit() and int(rows) >= 1 and int(cols) >= 1):
+            raise argparse.ArgumentTypeError(
+                f"--grids: {item.strip()!r} is not ROWSxCOLS with two integers >= 1 (e.g. 1x2,2x1,2x2)"
+            )
+        grids.append([int(rows), int(cols)])
+    return grids
+
+
+def image_policy_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `image_policy` section `vlm init`'s --image-policy, --grids and --pool describe."""
+    policy: dict[str, Any] = {"type": args.image_policy, "pool": args.pool}
+    if args.grids is not None:
+        if args.image_policy != "anyres":
+            raise ValueError(f"--grids applies to --image-policy anyres, not {args.image_policy!r}")
+        policy["grids"] = args.grids
+    return policy
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .build import build_base_model, describe, save_checkpoint
 
@@ -49,6 +72,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         connector_options=parse_options(args.connector_opt),
         vision_feature_layer=args.feature_layer,
         vision_feature_select_strategy=args.select_strategy,
+        image_policy=image_policy_from_args(args),
     )
     out = save_checkpoint(model, processor, args.out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -150,6 +174,27 @@ def add_init_parser(sub) -> None:
         choices=["default", "full"],
         default=None,
         help="default: drop CLS (tower default)",
+    )
+    from .policies import available_image_policies
+
+    p.add_argument(
+        "--image-policy",
+        choices=available_image_policies(),
+        default="single",
+        help="single: one crop per image (default); anyres: a thumbnail plus a grid of tiles (LLaVA-NeXT)",
+    )
+    p.add_argument(
+        "--grids",
+        type=grids_arg,
+        default=None,
+        metavar="RxC,...",
+        help="anyres tile grids to choose from, rows x cols (default 1x2,2x1,2x2,1x3,3x1)",
+    )
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=1,
+        help="average-pool each crop's patch grid N x N before the connector (1: off; 2 quarters mlp/linear tokens)",
     )
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)

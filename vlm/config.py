@@ -9,6 +9,14 @@ from transformers.models.auto import CONFIG_MAPPING
 
 from .connectors import connector_config_from_dict, get_connector_class
 from .connectors.base import ConnectorConfig
+from .policies import (
+    ImagePolicy,
+    ImagePolicyConfig,
+    get_image_policy,
+    image_policy_config_from_dict,
+    image_token_count,
+    pooled_patch_count,
+)
 from .towers import SELECT_STRATEGIES, num_patches, tower_spec
 
 MODEL_TYPE = "vlm"
@@ -32,6 +40,8 @@ class VLMConfig(PretrainedConfig):
         vision_config: CLIP or SigLIP vision config (dict or config object).
         text_config: the LLM's config (Llama, Qwen2, ... anything `AutoModelForCausalLM` builds).
         connector: `{"type": "mlp", **params}`; see `connectors/*.yaml`.
+        image_policy: `{"type": "single" | "anyres", "pool": 1, ...}` (vlm/policies/); absent (an older
+            checkpoint) means `single`, pool 1: one crop per image, as before policies existed.
         image_token_index: id of the `<image>` placeholder token in the tokenizer.
         vision_feature_layer: which tower hidden state feeds the connector (-2 as in LLaVA).
         vision_feature_select_strategy: "default" drops CLS, "full" keeps every token; None picks the tower's own
@@ -47,6 +57,7 @@ class VLMConfig(PretrainedConfig):
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
     connector: dict | None = None
+    image_policy: dict | None = None
     image_token_index: int = 0
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str | None = None
@@ -73,6 +84,10 @@ class VLMConfig(PretrainedConfig):
             )
         # Parse once to validate (unknown keys, bad values); store the normalised dict so config.json is complete.
         self.connector = self.connector_config.to_dict()
+        self.image_policy = self.image_policy_config.to_dict()
+        pooled_patch_count(
+            self.num_patches, self.image_policy_config.pool
+        )  # a pool the grid cannot take fails here
         super().__post_init__(**kwargs)
 
     @property
@@ -85,10 +100,35 @@ class VLMConfig(PretrainedConfig):
         return num_patches(self.vision_config, self.vision_feature_select_strategy)
 
     @property
+    def image_policy_config(self) -> ImagePolicyConfig:
+        return image_policy_config_from_dict(self.image_policy)
+
+    @property
+    def policy(self) -> ImagePolicy:
+        return get_image_policy(self.image_policy_config)
+
+    @property
+    def connector_patches(self) -> int:
+        """Features per crop the connector sees: the tower's, after the policy's pooling."""
+        return pooled_patch_count(self.num_patches, self.image_policy_config.pool)
+
+    @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens one image takes in the LLM sequence."""
+        """Placeholder tokens one crop takes in the LLM sequence: one image's under the `single` policy."""
         cfg = self.connector_config
-        return get_connector_class(cfg.type).num_tokens(cfg, self.num_patches)
+        return get_connector_class(cfg.type).num_tokens(cfg, self.connector_patches)
+
+    def image_token_count(self, width: int, height: int) -> int:
+        """Placeholder tokens a width x height image takes under the checkpoint's policy (vlm/policies)."""
+        return image_token_count(
+            self.image_policy_config, width, height, self.image_size, self.num_image_tokens
+        )
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most tokens any one image can take (the policy's largest layout)."""
+        policy = self.policy
+        return policy.layout_tokens(policy.largest_layout(self.num_image_tokens), self.num_image_tokens)
 
     @property
     def image_size(self) -> int:

@@ -45,14 +45,16 @@ def presets_that_fit(needed: int) -> list[str]:
 def check_context(config: VLMConfig, processor, source: str) -> None:
     """Raise ContextTooSmall, naming both numbers and the LLM presets that fit, when one image and a minimal
     chat (MINIMAL_CHAT) exceed the LLM's max_position_embeddings."""
-    image, prompt = config.num_image_tokens, minimal_prompt_tokens(processor)
+    # The largest layout the image policy can choose: any image must fit (`single`: num_image_tokens).
+    image, prompt = config.max_image_tokens, minimal_prompt_tokens(processor)
     context = context_length(config.text_config)
     if image + prompt <= context:
         return
     fit = presets_that_fit(image + prompt)
+    tiled = f", its largest {config.image_policy['type']} layout" if config.policy.tiled else ""
     raise ContextTooSmall(
         f"{source}: one image takes {image} tokens ({config.connector['type']} connector on a "
-        f"{config.image_size}px tower) and a minimal chat {prompt} more, {image + prompt} in all, but the LLM's "
+        f"{config.image_size}px tower{tiled}) and a minimal chat {prompt} more, {image + prompt} in all, but the LLM's "
         f"context (max_position_embeddings) is {context}. LLM presets that fit: {', '.join(fit) or 'none'}; or "
         f"choose a connector with fewer tokens per image (`vlm tokens` lists them)"
     )

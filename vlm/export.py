@@ -24,6 +24,12 @@ def check_llava_compatible(model: VLMForConditionalGeneration) -> None:
         raise ValueError(
             "llava-hf export: Llava's projector has no output scale; this mlp has output_scale: true"
         )
+    policy = model.config.image_policy
+    if policy != {"type": "single", "pool": 1}:
+        raise ValueError(
+            f"llava-hf export needs image_policy single with pool 1 (Llava takes one unpooled crop); this "
+            f"checkpoint has {policy}"
+        )
 
 
 def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:

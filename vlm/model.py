@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import VLMConfig
 from .connectors import Connector, build_connector
+from .policies import pool_patches
 from .supervised_head import SupervisedLMOutput, supervised_head_loss
 from .towers import build_tower, select_features, tower_spec
 
@@ -49,7 +50,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             config.connector_config,
             vision_hidden_size=config.vision_config.hidden_size,
             text_hidden_size=config.text_config.hidden_size,
-            num_patches=config.num_patches,
+            num_patches=config.connector_patches,
+            image_newline=config.policy.uses_newline,
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self._has_cls = tower_spec(config.vision_config).has_cls_token
@@ -97,20 +99,49 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             self._has_cls,
         )
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """LLM-space embeddings of each image: (n_images, num_image_tokens, D_llm)."""
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Tower features of crops (n_crops, P, Dv) -> connector outputs (n_crops, N, D_llm), after the image
+        policy's pooling."""
+        return self.connector(pool_patches(features, self.config.image_policy_config.pool))
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """LLM-space embeddings of each image: (n_images, num_image_tokens, D_llm) under the `single` policy; a
+        tiled policy gives one (tokens_i, D_llm) per image (`pixel_values` holds all their crops, image_sizes
+        (n_images, 2) their (height, width))."""
         if pixel_values.ndim != 4:
             raise ValueError(
-                f"pixel_values must be (n_images, channels, height, width), got shape {tuple(pixel_values.shape)}"
+                f"pixel_values must be (n_images, channels, height, width) (a tiled policy: its crops), got shape {tuple(pixel_values.shape)}"
             )
-        return self.connector(self.get_tower_features(pixel_values))
+        return self.assemble_images(self.project(self.get_tower_features(pixel_values)), image_sizes)
+
+    def assemble_images(
+        self, crop_embeds: torch.Tensor, image_sizes: torch.Tensor | None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Per-crop connector outputs -> per-image token sequences, by the layout the policy recomputes from
+        each image's size (the layout the processor cut it by)."""
+        return assemble_images(self.config, crop_embeds, image_sizes, self.connector.image_newline)
 
     def merge_image_embeds(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_embeds: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | list[torch.Tensor],
     ) -> torch.Tensor:
         """Write image i's embeddings over the i-th run of placeholders (row-major over the batch)."""
         mask = input_ids == self.config.image_token_index
         n_placeholders = int(mask.sum())
+        if isinstance(image_embeds, (list, tuple)):
+            counts = [int(e.shape[0]) for e in image_embeds]
+            if n_placeholders != sum(counts):
+                raise ValueError(
+                    f"image placeholders and images do not match: the input holds {n_placeholders} placeholder "
+                    f"tokens but the {len(counts)} images take {sum(counts)} ({counts}, the image policy's "
+                    f"count for each image's size); expand each <image> with VLMProcessor"
+                )
+            flat = torch.cat(list(image_embeds)).to(inputs_embeds.device, inputs_embeds.dtype)
+            return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
         n_images, tokens_per_image = image_embeds.shape[:2]
         if n_placeholders != n_images * tokens_per_image:
             raise ValueError(
@@ -123,13 +154,16 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
 
     def _image_embeds(
-        self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
-    ) -> torch.Tensor:
+        self,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         # image_features: the tower's selected features (n_images, P, Dv) from a feature cache (a frozen tower),
         # so only the connector runs.
         if image_features is None:
-            return self.get_image_features(pixel_values)
-        return self.connector(image_features.to(self.vision_tower.dtype))
+            return self.get_image_features(pixel_values, image_sizes)
+        return self.assemble_images(self.project(image_features.to(self.vision_tower.dtype)), image_sizes)
 
     def _zero_image_term(
         self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
@@ -144,10 +178,14 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         """
         empty = pixel_values if image_features is None else image_features
         blank = torch.zeros((1, *empty.shape[1:]), dtype=empty.dtype, device=empty.device)
-        embeds = (
-            self._image_embeds(blank, None) if image_features is None else self._image_embeds(None, blank)
+        features = (
+            self.get_tower_features(blank) if image_features is None else blank.to(self.vision_tower.dtype)
         )
-        return embeds[:0].sum()
+        embeds = self.project(features)
+        zero = embeds[:0].sum()
+        newline = self.connector.image_newline
+        # The newline takes part too, so every trainable connector parameter is in the graph on every rank.
+        return zero if newline is None else zero + newline[:0].sum()
 
     def _check_no_stray_placeholders(self, input_ids: torch.Tensor, past_key_values) -> None:
         # During cached decoding a generated token may equal the placeholder id; only prefill must be clean.
@@ -184,6 +222,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_features: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
@@ -205,7 +244,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 inputs_embeds = inputs_embeds + self._zero_image_term(pixel_values, image_features)
             elif images is not None:
                 inputs_embeds = self.merge_image_embeds(
-                    input_ids, inputs_embeds, self._image_embeds(pixel_values, image_features)
+                    input_ids, inputs_embeds, self._image_embeds(pixel_values, image_features, image_sizes)
                 )
             else:
                 self._check_no_stray_placeholders(input_ids, past_key_values)
@@ -257,3 +296,29 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
             token_losses=token_losses,
         )
+
+
+def assemble_images(
+    config: VLMConfig,
+    crop_embeds: torch.Tensor,
+    image_sizes: torch.Tensor | None,
+    newline: torch.Tensor | None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """(n_crops, N, D) connector outputs -> (n_images, N, D) under `single`, else one (tokens_i, D) per image,
+    laid out by the policy from each image's (height, width). Shared by transformers' model and vLLM's."""
+    policy = config.policy
+    if not policy.tiled:
+        return crop_embeds
+    if image_sizes is None:
+        raise ValueError(
+            f"image_policy {config.image_policy['type']!r} needs image_sizes (n_images, 2), the (height, width) "
+            f"of each image, to lay out its crops; VLMProcessor returns them with pixel_values"
+        )
+    layouts = [policy.layout(int(w), int(h), config.image_size) for h, w in image_sizes.tolist()]
+    n_crops = sum(lay.n_crops for lay in layouts)
+    if n_crops != crop_embeds.shape[0]:
+        raise ValueError(
+            f"the {len(layouts)} images' layouts take {n_crops} crops but pixel_values hold {crop_embeds.shape[0]}"
+        )
+    per_image = torch.split(crop_embeds, [lay.n_crops for lay in layouts])
+    return [policy.assemble(crops, lay, newline) for crops, lay in zip(per_image, layouts, strict=True)]

@@ -62,11 +62,24 @@ class Connector(nn.Module):
         self.num_patches = num_patches
         # Shape (1,), not a 0-dim scalar: ZeRO-3 cannot partition 0-dim parameters.
         self.log_output_scale = nn.Parameter(torch.zeros(1)) if config.output_scale else None
+        self.image_newline: nn.Parameter | None = None
+
+    def add_image_newline(self) -> None:
+        """A learned vector the `anyres` policy puts after each row of tiles (LLaVA-NeXT's `image_newline`).
+        It lives here so it trains, freezes, saves and moves from stage 1 to stage 2 with the connector."""
+        self.image_newline = nn.Parameter(torch.empty(self.text_hidden_size))
+        self._reset_image_newline()
+
+    def _reset_image_newline(self) -> None:
+        if self.image_newline is not None:
+            # LLaVA-NeXT's init: randn / sqrt(width).
+            nn.init.normal_(self.image_newline, std=self.text_hidden_size**-0.5)
 
     def reset_parameters(self):
         """Raw parameters no nn/transformers init covers; subclasses extend it (and call it)."""
         if self.log_output_scale is not None:
             nn.init.zeros_(self.log_output_scale)
+        self._reset_image_newline()
 
     def scale_output(self, out: torch.Tensor) -> torch.Tensor:
         """The connector's output times its learned scale (when config.output_scale); every forward ends here."""

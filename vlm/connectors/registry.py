@@ -42,12 +42,21 @@ def connector_config_from_dict(values: dict[str, Any]) -> ConnectorConfig:
 
 
 def build_connector(
-    config: ConnectorConfig, vision_hidden_size: int, text_hidden_size: int, num_patches: int
+    config: ConnectorConfig,
+    vision_hidden_size: int,
+    text_hidden_size: int,
+    num_patches: int,
+    image_newline: bool = False,
 ) -> Connector:
+    """num_patches: features per crop the connector sees; image_newline: add the row separator vector a
+    tiled image policy needs (Connector.add_image_newline)."""
     cls = get_connector_class(config.type)
-    return cls(
+    connector = cls(
         config,
         vision_hidden_size=vision_hidden_size,
         text_hidden_size=text_hidden_size,
         num_patches=num_patches,
     )
+    if image_newline:
+        connector.add_image_newline()
+    return connector

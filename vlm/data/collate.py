@@ -75,7 +75,11 @@ def _image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     if samples and "pixel_values" not in samples[0] and "image_features" not in samples[0]:
         return {}  # text-only datasets (language pretraining, vlm/data/text.py): the LLM alone gets the batch
     key = "image_features" if samples and "image_features" in samples[0] else "pixel_values"
-    return {key: torch.cat([s[key] for s in samples], dim=0)}
+    out = {key: torch.cat([s[key] for s in samples], dim=0)}
+    if samples and "image_sizes" in samples[0]:
+        # A tiled image policy: each image's (height, width), in the same order, lays out its crops.
+        out["image_sizes"] = torch.cat([s["image_sizes"] for s in samples], dim=0)
+    return out
 
 
 class Collator:

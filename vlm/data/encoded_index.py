@@ -66,6 +66,9 @@ class EncodingIndex:
             "num_image_tokens": processor.num_image_tokens,
             "max_length": max_length,
         }
+        if processor.policy.tiled:
+            # Lengths then depend on the policy (and the images' sizes, read from their headers at build time).
+            key["image_policy"] = processor.image_policy
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.file = Path(root) / f"{digest[:24]}.npz"
 

@@ -11,6 +11,7 @@ mismatch") is an explicit `SampleError` here, naming the sample id and a short r
 - `too_long`: the expanded sample (placeholders included) exceeds max_length. Samples are refused, never
   truncated: cutting would drop the answer or slice an image's placeholder run in half;
 - `missing_image` / `corrupt_image`: an image file cannot be found or decoded;
+- `bad_image_size`: a tiled image policy (anyres) cannot lay the image out (smaller than one tile);
 - `bad_record`: the record cannot be rendered at all (unknown role, missing fields).
 
 `SupervisedDataset(on_error="skip")` counts these by reason instead of raising; see its docstring for how the
@@ -51,7 +52,9 @@ __all__ = [
     "encode_conversation",
     "encode_records",
     "image_shape",
+    "image_token_counts",
     "load_images",
+    "load_tiled_images",
     "mix_datasets",
 ]
 
@@ -85,7 +88,7 @@ class SkippedSample:
 @dataclass
 class EncodedSample:
     id: Any
-    input_ids: list[int]  # placeholders expanded: each <image> id repeated num_image_tokens times
+    input_ids: list[int]  # placeholders expanded: each <image> id repeated as many times as that image takes
     labels: list[int]  # IGNORE_INDEX where not supervised (prompt, placeholders, template scaffolding)
     image_paths: list[str]
     n_tokens: int
@@ -202,22 +205,59 @@ def _encode_compact(
         )
     if (hf_mask & (ids == image_id)).any():
         raise SampleError(sid, "image_count_mismatch", "an <image> token lies inside an assistant answer")
-    n_tokens = len(ids) + n_markers * (processor.num_image_tokens - 1)
+    counts = image_token_counts(processor, images, sid)
+    n_tokens = len(ids) + sum(counts) - n_markers
     if max_length is not None and n_tokens > max_length:
+        per_image = (
+            f"{n_markers} images x {processor.num_image_tokens} placeholders"
+            if not _tiled(processor)
+            else f"{n_markers} images taking {counts} placeholders"
+        )
         raise SampleError(
             sid,
             "too_long",
-            f"{n_tokens} tokens ({n_markers} images x {processor.num_image_tokens} placeholders) > "
-            f"max_length {max_length}; samples are refused, not truncated",
+            f"{n_tokens} tokens ({per_image}) > max_length {max_length}; samples are refused, not truncated",
         )
     return ids, hf_mask, images, n_tokens
 
 
+def _tiled(processor) -> bool:
+    """Whether the processor's image policy makes an image's token count depend on its size."""
+    return processor.policy.tiled
+
+
+def image_token_counts(processor, paths: Sequence[str], sample_id: Any) -> list[int]:
+    """Placeholder tokens each image takes (processor.image_token_count). A tiled policy needs the image sizes:
+    read from the file headers, no pixel decoded; a file that is missing or not an image is a SampleError."""
+    if not _tiled(processor):
+        return [processor.num_image_tokens] * len(paths)
+    return [_counted(processor, _header_size(p, sample_id), sample_id) for p in paths]
+
+
+def _header_size(path: str, sample_id: Any) -> tuple[int, int]:
+    if not os.path.isfile(path):
+        raise SampleError(sample_id, "missing_image", f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
+        raise SampleError(sample_id, "corrupt_image", f"cannot read {path} ({type(e).__name__}: {e})") from e
+
+
+def _counted(processor, size: tuple[int, int], sample_id: Any) -> int:
+    try:
+        return processor.image_token_count(*size)
+    except ValueError as e:  # an image the policy cannot lay out (smaller than a tile)
+        raise SampleError(sample_id, "bad_image_size", str(e)) from e
+
+
 def _expand(
-    ids: np.ndarray, mask: np.ndarray, image_token_id: int, num_image_tokens: int
+    ids: np.ndarray, mask: np.ndarray, image_token_id: int, counts: int | Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat each <image> id num_image_tokens times; labels: the ids where supervised, else IGNORE_INDEX."""
-    repeats = np.where(ids == image_token_id, num_image_tokens, 1)
+    """Repeat the k-th <image> id counts[k] times (an int: every one that many); labels: the ids where
+    supervised, else IGNORE_INDEX."""
+    repeats = np.ones(len(ids), dtype=np.int64)
+    repeats[ids == image_token_id] = counts
     full_ids = np.repeat(ids, repeats)
     labels = np.where(np.repeat(mask, repeats), full_ids, IGNORE_INDEX)
     return full_ids, labels
@@ -233,7 +273,8 @@ def encode_conversation(
     Raises SampleError (with the record's id) for every reason listed in the module docstring except images.
     """
     ids, mask, images, n_tokens = _encode_compact(record, processor, template_name, max_length)
-    full_ids, labels = _expand(ids, mask, processor.image_token_id, processor.num_image_tokens)
+    counts = image_token_counts(processor, images, _record_id(record))
+    full_ids, labels = _expand(ids, mask, processor.image_token_id, counts)
     return EncodedSample(_record_id(record), full_ids.tolist(), labels.tolist(), images, n_tokens)
 
 
@@ -269,6 +310,20 @@ def load_images(
         return torch.zeros((0, 3, *(empty_hw or image_shape(image_processor))))
     images = [_open_rgb(p, sample_id) for p in paths]
     return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+def load_tiled_images(
+    paths: Sequence[str], processor, sample_id: Any = None, empty_hw: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Under a tiled image policy: (pixel values of every image's crops (n_crops, 3, H, W) float32, image_sizes
+    (n, 2) as (height, width), each image's placeholder count), from the decoded images' own sizes."""
+    if not paths:
+        hw = empty_hw or image_shape(processor.image_processor)
+        return torch.zeros((0, 3, *hw)), torch.zeros((0, 2), dtype=torch.long), []
+    images = [_open_rgb(p, sample_id) for p in paths]
+    counts = [_counted(processor, im.size, sample_id) for im in images]
+    out = processor.process_images(images, return_tensors="pt")
+    return out["pixel_values"].float(), out["image_sizes"], counts
 
 
 # -- datasets ------------------------------------------------------------------------------------------------
@@ -418,18 +473,29 @@ class SupervisedDataset(Dataset):
             self._ids[i].astype(np.int64),
             self._mask[i],
             self.processor.image_token_id,
-            self.processor.num_image_tokens,
+            image_token_counts(self.processor, self.image_paths[i], self.ids[i]),
         )
         return EncodedSample(self.ids[i], ids.tolist(), labels.tolist(), self.image_paths[i], self.lengths[i])
 
     def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
         sid = self.ids[i]
+        images: dict[str, torch.Tensor] = {}
+        counts: int | list[int] = self.processor.num_image_tokens
         try:
             if not self.image_paths[i] and self._empty_hw is None:
                 self._empty_hw = image_shape(self.processor.image_processor)
-            pixel_values = load_images(
-                self.image_paths[i], self.processor.image_processor, sid, self._empty_hw
-            )
+            if _tiled(self.processor):
+                # Counts from the decoded images themselves, so pixels and placeholders always agree.
+                pixels, sizes, counts = load_tiled_images(
+                    self.image_paths[i], self.processor, sid, self._empty_hw
+                )
+                images = {"pixel_values": pixels, "image_sizes": sizes}
+            else:
+                images = {
+                    "pixel_values": load_images(
+                        self.image_paths[i], self.processor.image_processor, sid, self._empty_hw
+                    )
+                }
         except SampleError as e:
             if self.on_error == "raise":
                 raise
@@ -437,17 +503,9 @@ class SupervisedDataset(Dataset):
             log.warning("skipping %s", e)
             return SkippedSample(sid, e.reason, e.detail)
         ids, labels = _expand(
-            self._ids[i].astype(np.int64),
-            self._mask[i],
-            self.processor.image_token_id,
-            self.processor.num_image_tokens,
+            self._ids[i].astype(np.int64), self._mask[i], self.processor.image_token_id, counts
         )
-        return {
-            "id": sid,
-            "input_ids": torch.from_numpy(ids),
-            "labels": torch.from_numpy(labels),
-            "pixel_values": pixel_values,
-        }
+        return {"id": sid, "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), **images}
 
     def skip_report(self) -> dict[str, int]:
         """Skipped samples by reason: construction time plus load time seen in this process."""

@@ -467,6 +467,18 @@ def setup_feature_cache(
             "feature_cache needs the tower unpartitioned: use ZeRO-2 (stages/zero2.json, as LLaVA stage 1 does) "
             "or feature_cache=null"
         )
+    if vlm.config.policy.tiled:
+        # The cache holds one crop's features per image file; a tiled policy feeds the tower several per image.
+        policy = vlm.config.image_policy["type"]
+        if setting == "auto":
+            if rank == 0:
+                log.info(
+                    "feature_cache=auto is off under the %s image policy (several crops per image)", policy
+                )
+            return False
+        raise FeatureCacheError(
+            f"feature_cache caches one crop per image; image_policy {policy!r} tiles images: set feature_cache=null"
+        )
     root = resolve_root(setting)
     shortfall = _disk_shortfall(vlm, data.dataset, root)
     if shortfall:

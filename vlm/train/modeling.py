@@ -124,7 +124,8 @@ def load_connector(model: VLMForConditionalGeneration, source: str) -> None:
             raise ValueError(
                 f"{source}: its {field} differs from {ours.name_or_path}'s; the connector would not fit"
             )
-    for field in ("vision_tower_name_or_path", "text_model_name_or_path", "connector"):
+    # image_policy too: its pooling sizes the connector's input, and a tiled policy adds connector.image_newline.
+    for field in ("vision_tower_name_or_path", "text_model_name_or_path", "connector", "image_policy"):
         if getattr(other, field) != getattr(ours, field):
             raise ValueError(
                 f"{source}: {field} is {getattr(other, field)!r}, but the model has {getattr(ours, field)!r}"

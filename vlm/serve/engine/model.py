@@ -34,6 +34,8 @@ from vllm.sequence import IntermediateTensors
 from ...config import VLMConfig
 from ...connectors import build_connector
 from ...constants import IMAGE_TOKEN
+from ...model import assemble_images
+from ...policies import pool_patches
 from ...towers import build_tower, select_features, tower_spec
 from .processing import VLMDummyInputsBuilder, VLMMultiModalProcessor, VLMProcessingInfo
 
@@ -75,7 +77,8 @@ class VLMForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
                 config.connector_config,
                 vision_hidden_size=config.vision_config.hidden_size,
                 text_hidden_size=config.text_config.hidden_size,
-                num_patches=config.num_patches,
+                num_patches=config.connector_patches,
+                image_newline=config.policy.uses_newline,
             )
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
@@ -88,7 +91,9 @@ class VLMForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
 
     # -- images ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _image_embeddings(
+        self, pixel_values: torch.Tensor, image_sizes=None
+    ) -> torch.Tensor | list[torch.Tensor]:
         tower = self.vision_tower
         out = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
         features = select_features(
@@ -97,19 +102,26 @@ class VLMForConditionalGenerationVLLM(nn.Module, SupportsMultiModal):
             self.config.vision_feature_select_strategy,
             self._has_cls,
         )
-        return self.connector(features)
+        crops = self.connector(pool_patches(features, self.config.image_policy_config.pool))
+        return assemble_images(self.config, crops, image_sizes, self.connector.image_newline)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         pixel_values = kwargs.pop("pixel_values", None)
+        image_sizes = kwargs.pop("image_sizes", None)
         if pixel_values is None:
             return []
+        tiled = self.config.policy.tiled
         if isinstance(pixel_values, (list, tuple)):
-            pixel_values = torch.stack(list(pixel_values))
+            # A tiled policy's crops are a flat field: runs of crops, one run per image, concatenated.
+            pixel_values = torch.cat(list(pixel_values)) if tiled else torch.stack(list(pixel_values))
+        if isinstance(image_sizes, (list, tuple)):
+            image_sizes = torch.stack([torch.as_tensor(s) for s in image_sizes])
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must be (images, channels, height, width), got {tuple(pixel_values.shape)}"
             )
-        return self._image_embeddings(pixel_values)  # (images, num_image_tokens, hidden): one row per image
+        # single: (images, num_image_tokens, hidden); tiled: one (tokens_i, hidden) per image.
+        return self._image_embeddings(pixel_values, image_sizes)
 
     # -- decoder -----------------------------------------------------------------------------------------------
     def forward(
