@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import pope, records, scene_check, scene_graph, scenes, synth
+from . import fine_detail, pope, records, scene_check, scene_graph, scenes, synth
 
 WORLDS = ("shapes", "scenes")
 
@@ -46,6 +46,16 @@ def _generate(args: argparse.Namespace) -> dict[str, Path]:
 def cmd_synth(args: argparse.Namespace) -> int:
     try:
         paths = _generate(args)
+        if args.fine_detail:
+            paths.update(
+                fine_detail.generate(
+                    paths["root"],
+                    args.fine_detail,
+                    args.seed,
+                    size=args.fine_detail_size,
+                    progress=not args.quiet,
+                )
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -149,6 +159,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--texture", action="store_true", help="scenes: textured backgrounds (grid, stripes)")
     p.add_argument(
         "--noise", type=float, default=0.0, help="scenes: Gaussian pixel noise, std in 0-255 units"
+    )
+    p.add_argument(
+        "--fine-detail",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write the fine-detail task: N training images of one tiny 5x7 px digit on a large canvas "
+        "(detail_train/detail_eval.jsonl, N // 5 held out); readable only with anyres tiling (default 0: off)",
+    )
+    p.add_argument(
+        "--fine-detail-size",
+        type=int,
+        default=fine_detail.DEFAULT_SIZE,
+        help=f"the fine-detail canvas side in px (default {fine_detail.DEFAULT_SIZE}: a 3x3 grid of 32 px tiles)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)

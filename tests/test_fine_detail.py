@@ -1,0 +1,112 @@
+"""The fine-detail task: one tiny digit on a large canvas, readable at native resolution only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vlm.cli import main as vlm_main
+from vlm.data import fine_detail, records
+
+
+def _read_glyph(image: Image.Image, box) -> str:
+    """The digit whose bitmap matches the ink inside the record's glyph box."""
+    x, y, w, h = box
+    grey = image.convert("L")
+    background = grey.getpixel((0, 0))
+    rows = tuple(
+        "".join("#" if grey.getpixel((x + c, y + r)) < background - 60 else "." for c in range(w))
+        for r in range(h)
+    )
+    matches = [d for d, bitmap in fine_detail._FONT.items() if bitmap == rows]
+    return matches[0] if matches else "?"
+
+
+@pytest.fixture(scope="module")
+def detail_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("detail")
+    assert vlm_main(["data", "synth", "--out", str(root), "--n", "8", "--fine-detail", "40", "--quiet"]) == 0
+    return root
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_answer_is_the_digit_drawn_and_nothing_else_is_drawn(detail_dir):
+    for name in fine_detail.FILES:
+        for rec in _lines(detail_dir / f"{name}.jsonl"):
+            image = Image.open(detail_dir / rec["image"])
+            assert image.size == (96, 96)
+            assert _read_glyph(image, rec["glyph_box"]) == rec["conversations"][-1]["value"]
+            x, y, w, h = rec["glyph_box"]
+            outside = [
+                image.getpixel((i, j))
+                for i in range(96)
+                for j in range(96)
+                if not (x <= i < x + w and y <= j < y + h)
+            ]
+            assert len(set(outside)) == 1  # a plain background: the glyph is the only evidence
+
+
+def test_at_the_towers_32_px_the_digits_blur_together(detail_dir):
+    """Downscaled as the single policy does, two different digits at one place differ by little ink."""
+    import random
+
+    def l1(a: Image.Image, b: Image.Image) -> int:
+        return sum(
+            abs(p - q) for p, q in zip(a.convert("L").tobytes(), b.convert("L").tobytes(), strict=True)
+        )
+
+    big = [fine_detail.draw_digit(d, 96, random.Random(1))[0] for d in "18"]
+    small = [im.resize((32, 32), Image.Resampling.BICUBIC) for im in big]
+    assert l1(*small) < l1(*big) / 4
+
+
+def test_records_are_valid_short_answer_vqa_with_slices(detail_dir):
+    report = records.check_file(detail_dir / "detail_eval.jsonl", image_root=detail_dir)
+    assert report.ok, report.problems
+    evals = _lines(detail_dir / "detail_eval.jsonl")
+    assert len(evals) == 8  # 40 // 5
+    assert {r["question_type"] for r in evals} == {"digit"}
+    assert {r["phrasing"] for r in evals} <= {"seen", "heldout"}
+    for r in evals:
+        question = r["conversations"][0]["value"]
+        assert question.startswith("<image>\n") and question.endswith(
+            "\nAnswer the question using a single word or phrase."
+        )
+        if r["phrasing"] == "heldout":
+            assert any(q in question for q in fine_detail.HELDOUT_QUESTIONS)
+    trains = _lines(detail_dir / "detail_train.jsonl")
+    assert not any(q in r["conversations"][0]["value"] for r in trains for q in fine_detail.HELDOUT_QUESTIONS)
+    assert {r["conversations"][-1]["value"] for r in trains} <= set(fine_detail.DIGITS)
+
+
+def test_manifest_lists_the_files_and_output_is_deterministic(detail_dir, tmp_path):
+    manifest = json.loads((detail_dir / "manifest.json").read_text())
+    assert manifest["files"]["detail_train"]["records"] == 40
+    assert manifest["fine_detail"]["canvas"] == 96
+    assert (
+        vlm_main(["data", "synth", "--out", str(tmp_path), "--n", "8", "--fine-detail", "40", "--quiet"]) == 0
+    )
+    for name in fine_detail.FILES:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (detail_dir / f"{name}.jsonl").read_bytes()
+    first = _lines(detail_dir / "detail_train.jsonl")[0]["image"]
+    assert (tmp_path / first).read_bytes() == (detail_dir / first).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--fine-detail", "-3"], "--fine-detail must be a positive number of images, got -3"),
+        (
+            ["--fine-detail", "5", "--fine-detail-size", "12"],
+            "--fine-detail-size must be an integer >= 21 px, got 12",
+        ),
+    ],
+)
+def test_bad_fine_detail_arguments_are_named(tmp_path, capsys, args, match):
+    assert vlm_main(["data", "synth", "--out", str(tmp_path), "--n", "4", "--quiet", *args]) == 2
+    assert match in capsys.readouterr().err

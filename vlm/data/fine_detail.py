@@ -1,0 +1,150 @@
+"""The fine-detail task (issue 19): a large canvas holding one tiny digit, whose identity is the answer.
+
+The digit is a 5x7 px bitmap glyph (1 px strokes) at a random place on a `size` x `size` canvas (default 96).
+Resized to the tiny tower's 32 px (the `single` policy), the glyph is a 2 px smudge and unreadable; under
+`anyres` with a 3x3 grid every 32 px tile is at the canvas' native resolution and the strokes are intact. The
+glyph's ink and the background brightness vary per image, so the amount of ink does not give the digit away.
+
+Training and held-out images come from separate seed streams, as in the other worlds; the records are
+short-answer VQA (`question_type: digit`), so `vlm eval --task vqa` scores them with their own slice.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from . import synth_text as text
+
+DEFAULT_SIZE = 96
+GLYPH_W, GLYPH_H = 5, 7
+QUESTION_TYPE = "digit"
+DIGITS = tuple("0123456789")
+FILES = ("detail_train", "detail_eval")
+IMAGE_DIR = "images/detail"
+
+# Classic 5x7 dot-matrix digits, one string of 5 columns per row ("#": ink).
+_FONT = {
+    "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
+    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
+    "3": ("#####", "...#.", "..#..", "...#.", "....#", "#...#", ".###."),
+    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
+    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
+    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
+    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
+    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
+}
+
+# Training phrasings; the held-out ones recombine the same words and appear only in the eval file.
+QUESTIONS = (
+    "What digit is written in the image?",
+    "Which digit is shown in the picture?",
+    "Read the small digit in the image.",
+    "What number is written in the picture?",
+    "Which digit can you see?",
+    "What is the tiny digit in the image?",
+)
+HELDOUT_QUESTIONS = (
+    "Which number is shown in the image?",
+    "What digit can you read in the picture?",
+)
+MIN_SIZE = 3 * GLYPH_H  # the glyph plus a margin on every side
+
+
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    return random.Random(f"fine-detail/{seed}/{split}/{index}")
+
+
+def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, tuple[int, int]]:
+    """A size x size canvas with `digit` drawn once at a random place; returns it and the glyph's top left."""
+    background = rng.randint(200, 255)
+    ink = rng.randint(0, 90)
+    image = Image.new("RGB", (size, size), (background,) * 3)
+    margin = GLYPH_H
+    x = rng.randint(margin, size - margin - GLYPH_W)
+    y = rng.randint(margin, size - margin - GLYPH_H)
+    pixels = image.load()
+    for row, line in enumerate(_FONT[digit]):
+        for col, cell in enumerate(line):
+            if cell == "#":
+                pixels[x + col, y + row] = (ink,) * 3
+    return image, (x, y)
+
+
+def _record(split: str, index: int, size: int, rng: random.Random) -> tuple[dict, Image.Image]:
+    digit = rng.choice(DIGITS)
+    image, (x, y) = draw_digit(digit, size, rng)
+    heldout = split == "eval" and rng.random() < 0.5
+    question = rng.choice(HELDOUT_QUESTIONS if heldout else QUESTIONS)
+    rid = f"detail-{split}-{index:06d}"
+    record = {
+        "id": rid,
+        "image": f"{IMAGE_DIR}/{split}/{rid}.png",
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}\n{text.SHORT_ANSWER}"},
+            {"from": "gpt", "value": digit},
+        ],
+        "question_type": QUESTION_TYPE,
+        "image_size": size,
+        "glyph_box": [x, y, GLYPH_W, GLYPH_H],
+    }
+    if split == "eval":
+        record["phrasing"] = "heldout" if heldout else "seen"
+    return record, image
+
+
+def _check_args(n: int, n_eval: int, size: int) -> None:
+    for name, value in (("--fine-detail", n), ("fine-detail eval count", n_eval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive number of images, got {value!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
+        raise ValueError(f"--fine-detail-size must be an integer >= {MIN_SIZE} px, got {size!r}")
+
+
+def generate(
+    root: str | Path,
+    n: int,
+    seed: int = 0,
+    n_eval: int | None = None,
+    size: int = DEFAULT_SIZE,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write n training and n_eval held-out digit images with their records under root, and list the two
+    files in root's manifest.json (which `vlm data synth` has written just before). Returns their paths."""
+    n_eval = max(1, n // 5) if n_eval is None else n_eval
+    _check_args(n, n_eval, size)
+    root = Path(root)
+    paths = {name: root / f"{name}.jsonl" for name in FILES}
+    with tqdm(total=n + n_eval, desc="fine-detail images", unit="img", disable=not progress) as bar:
+        for split, count in (("train", n), ("eval", n_eval)):
+            (root / IMAGE_DIR / split).mkdir(parents=True, exist_ok=True)
+            lines = []
+            for i in range(count):
+                record, image = _record(split, i, size, _rng(seed, split, i))
+                image.save(root / record["image"], format="PNG")
+                lines.append(json.dumps(record, ensure_ascii=False))
+                bar.update(1)
+            paths[f"detail_{split}"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _add_to_manifest(root / "manifest.json", n, n_eval, size)
+    return paths
+
+
+def _add_to_manifest(path: Path, n: int, n_eval: int, size: int) -> None:
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    files = manifest.setdefault("files", {})
+    files["detail_train"] = {"path": "detail_train.jsonl", "records": n}
+    files["detail_eval"] = {"path": "detail_eval.jsonl", "records": n_eval}
+    manifest["fine_detail"] = {
+        "canvas": size,
+        "glyph": [GLYPH_W, GLYPH_H],
+        "answers": list(DIGITS),
+        "questions": list(QUESTIONS),
+        "heldout_questions": list(HELDOUT_QUESTIONS),
+    }
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
