@@ -1,5 +1,5 @@
 """Multi-image VQA (vlm/data/multi_image.py): answers checked against the scene metadata by an independent oracle,
-balance, splits, the other files untouched, the scenes world, `vlm data check`, training encoding."""
+balance, splits, the other files untouched, the scenes world, `vlm data check`, training encoding, eval slices."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from vllm_helpers import tiny_checkpoint
 
+from vlm.cli import main
 from vlm.data import multi_image, scenes, synth
 from vlm.data.records import load_llava_dataset, validate_record
 from vlm.data.samples import SupervisedDataset
@@ -219,3 +221,29 @@ def test_scenes_world_answers_and_heldout_pairs(world):
     assert {r["pair"] for r in evals if "object" in r} == {"heldout", "seen"}
     for r in _read(world["multi_train"]):  # held out means absent from training text too
         assert not any(p in r["conversations"][0]["value"] for p in heldout), r["id"]
+
+
+# -- eval ------------------------------------------------------------------------------------------------------
+
+
+def test_vlm_eval_reports_multi_image_slices(tmp_path, capsys):
+    """`vlm eval --task vqa --data multi_eval.jsonl` with the transformers engine: the processor refuses a prompt
+    whose <image> markers outnumber its images, so a report at all means every image reached the model."""
+    out = synth.generate(tmp_path / "data", 2, seed=0, n_eval=16, progress=False)
+    records = _read(out["multi_eval"])
+    ckpt = str(tiny_checkpoint("clip", "llama", "mlp"))
+    report_path, page = tmp_path / "multi.json", tmp_path / "multi.html"
+    args = ["eval", ckpt, "--engine", "hf", "--quiet", "--task", "vqa", "--data", str(out["multi_eval"])]
+    assert main([*args, "--out", str(report_path), "--html", str(page), "--max-new-tokens", "4"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["n"] == len(records) == 16
+    slices = report["slices"]
+    for qt in multi_image.WORLD_TYPES["shapes"]:
+        assert slices[f"question_type={qt}"]["n"] == 4
+    assert slices["num_images=2"]["n"] == slices["num_images=4"]["n"] == 8
+    for row, r in zip(report["predictions"], records, strict=True):
+        assert row["slices"] == {"question_type": r["question_type"], "num_images": str(r["num_images"])}
+        assert row["image"] == ", ".join(r["image"])
+    assert "num_images=4" in capsys.readouterr().out
+    cards = re.findall(r"<div class=\"card .*?</div></div>", page.read_text(), flags=re.S)
+    assert sorted(c.count("<img") for c in cards) == sorted(r["num_images"] for r in records)  # every image
