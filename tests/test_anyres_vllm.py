@@ -1,6 +1,6 @@
 """vLLM (our plugin) against transformers under the `anyres` image policy: the same prompt ids (so the same
-per-image token counts) and the same greedy tokens at five aspect ratios, and with two images of different
-shapes in one prompt."""
+per-image token counts) and the same greedy tokens at five aspect ratios, and with two and with four images of
+different shapes in one prompt."""
 
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ def _checkpoint(name: str):
 
 
 def _requests():
-    """(images, question): one image at each aspect ratio, then two of different shapes."""
+    """(images, question): one image at each aspect ratio, then two and four of different shapes (so different
+    grids and token counts side by side in one prompt)."""
     single = [([noise_image(k, size)], "what colour is the shape?") for k, size in enumerate(ASPECTS)]
-    return [*single, ([noise_image(7, ASPECTS[4]), noise_image(8, ASPECTS[3])], "compare them.")]
+    two = [noise_image(7, ASPECTS[4]), noise_image(8, ASPECTS[3])]
+    four = [noise_image(9 + k, ASPECTS[a]) for k, a in enumerate((1, 4, 0, 3))]
+    return [*single, (two, "compare them."), (four, "which picture is the odd one out?")]
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
@@ -79,10 +82,10 @@ def test_vllm_matches_transformers_under_anyres(name):
     llm = LLM(
         model=ckpt,
         dtype="float32",
-        max_model_len=1024,  # two perceiver images on a 2x2 grid: 2 x (5 x 64 + 2) tokens
+        max_model_len=1536,  # four perceiver images (pool 2): 193 + 259 + 322 + 322 tokens, then the text
         enforce_eager=CHECKPOINTS[name][4],
         seed=0,
-        limit_mm_per_prompt={"image": 2},
+        limit_mm_per_prompt={"image": 4},
     )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)

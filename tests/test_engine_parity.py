@@ -1,4 +1,6 @@
-"""vLLM (our plugin) against transformers `generate()`: the same greedy tokens, for every connector.
+"""vLLM (our plugin) against transformers `generate()`: the same greedy tokens, for every connector, on prompts
+with one, two and four images (mixed sizes) and none, under the `single` image policy (anyres:
+tests/test_anyres_vllm.py).
 
 One engine per checkpoint, shared by all of that checkpoint's prompts; the four checkpoints together cover both
 towers (CLIP, SigLIP) and both LLM families (Llama, Qwen2).
@@ -31,9 +33,17 @@ QUESTIONS = [
 ]
 
 
+SIZE = (40, 36)  # noise_image's default
+MIXED = [(40, 36), (64, 64), (30, 50), (96, 32)]  # the single policy resizes each to the tower's size
+
+
 def _samples():
-    """(question, number of images) pairs: one image each, two images, and text only."""
-    return [(q, 1) for q in QUESTIONS] + [("compare the two pictures.", 2), ("say something.", 0)]
+    """(question, image sizes) pairs: one image each, two images, four of mixed sizes, and text only."""
+    return [(q, [SIZE]) for q in QUESTIONS] + [
+        ("compare the two pictures.", [SIZE, SIZE]),
+        ("which picture is the odd one out?", MIXED),
+        ("say something.", []),
+    ]
 
 
 @pytest.mark.parametrize("connector", list(CHECKPOINTS))
@@ -49,8 +59,9 @@ def test_vllm_greedy_matches_transformers(connector):
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
 
     requests, expected, image_seed = [], [], 0
-    for question, n_images in _samples():
-        images = [noise_image(image_seed + k) for k in range(n_images)]
+    for question, sizes in _samples():
+        n_images = len(sizes)
+        images = [noise_image(image_seed + k, size) for k, size in enumerate(sizes)]
         image_seed += n_images
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
         prompt = processor.apply_chat_template(
@@ -80,7 +91,7 @@ def test_vllm_greedy_matches_transformers(connector):
         max_model_len=512,
         enforce_eager=True,
         seed=0,
-        limit_mm_per_prompt={"image": 2},
+        limit_mm_per_prompt={"image": len(MIXED)},
     )
     try:
         # Both sides stop on the checkpoint's generation_config stop tokens (</s>, <|im_end|>).
@@ -91,9 +102,8 @@ def test_vllm_greedy_matches_transformers(connector):
         del llm
         gc.collect()
 
-    for (question, n_images), (tokens, hf_logprobs), output in zip(
-        _samples(), expected, outputs, strict=True
-    ):
+    for (question, sizes), (tokens, hf_logprobs), output in zip(_samples(), expected, outputs, strict=True):
+        n_images = len(sizes)
         got = list(output.outputs[0].token_ids)
         assert got == tokens, f"{connector}: {question!r} with {n_images} image(s): vLLM {got} != HF {tokens}"
         # Same distribution, not only the same argmax: the top-5 log-probs of the first step agree.
@@ -105,5 +115,5 @@ def test_vllm_greedy_matches_transformers(connector):
     # Substantive: the sequences are mostly full length, not cut short by an early stop token.
     assert sum(len(t) for t, _ in expected) >= len(expected) * MAX_TOKENS // 2
     # The image path is live: different pictures with the same question do not all give the same answer.
-    single = [tuple(t) for (_, n), (t, _) in zip(_samples(), expected, strict=True) if n == 1]
+    single = [tuple(t) for (_, sizes), (t, _) in zip(_samples(), expected, strict=True) if len(sizes) == 1]
     assert len(set(single)) > 1, f"{connector}: outputs ignore the images"

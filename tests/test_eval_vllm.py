@@ -44,3 +44,39 @@ def test_vllm_engine_eval_matches_transformers_greedy(tmp_path):
     # A random tiny model can stop inside a multi-byte character: vLLM's detokenizer drops that incomplete tail,
     # transformers' decode renders it as U+FFFD. The tokens are the same; compare the text without that tail.
     assert [p["prediction"].rstrip("\ufffd") for p in vqa["predictions"]] == [h.rstrip("\ufffd") for h in hf]
+
+
+def test_vllm_engine_eval_on_multi_image_records_matches_transformers(tmp_path):
+    """multi_eval.jsonl (2 and 4 images per question): the engine is started for the largest image count, every
+    image reaches the prompt, and the answers are transformers' greedy ones, reported per num_images slice."""
+    from vlm.data import synth
+    from vlm.eval.engines import HFEngine
+    from vlm.eval.tasks import load_examples
+
+    ckpt = str(tiny_checkpoint("clip", "llama", "mlp"))
+    data = synth.generate(tmp_path / "data", 2, seed=0, n_eval=16, progress=False)["multi_eval"]
+    out = tmp_path / "multi.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlm.cli",
+        "eval",
+        ckpt,
+        "--engine",
+        "vllm",
+        "--task",
+        "vqa",
+        "--data",
+        str(data),
+    ]
+    cmd += ["--out", str(out), "--enforce-eager", "--dtype", "float32", "--quiet"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = read_json(out)
+    assert report["slices"]["num_images=2"]["n"] == report["slices"]["num_images=4"]["n"] == 8
+    examples = load_examples(data, "vqa")
+    assert sorted({len(e.images) for e in examples}) == [2, 4]
+    hf = HFEngine(ckpt, batch_size=1).generate([(e.images, e.messages) for e in examples], max_new_tokens=16)
+    assert [p["prediction"].rstrip("\ufffd") for p in report["predictions"]] == [
+        h.rstrip("\ufffd") for h in hf
+    ]

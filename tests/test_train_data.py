@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from collections import Counter
 
@@ -482,6 +484,97 @@ def test_packed_loss_equals_unpacked_loss(build, imgs, llm):
         # sanity: a plain causal mask over the packed row leaks across samples and changes the loss
         leaky = dict(packed, attention_mask=torch.ones_like(packed["input_ids"]))
         assert abs(float(model(**{k: leaky[k] for k in keys}).loss) - float(ref)) > 1e-3
+
+
+@functools.cache
+def _anyres_model():
+    from vlm.build import build_base_model
+
+    model, processor = build_base_model("clip", "llama", "mlp", image_policy={"type": "anyres", "pool": 1})
+    return model.eval(), processor
+
+
+def _noise(path, size, seed) -> str:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("policy", ["single", "anyres"])
+def test_packing_multi_image_samples_keeps_each_image_with_its_sample(build, tmp_path, policy):
+    """Samples with 4, 2, 1 and no images packed together: each sample's placeholder runs lie in its own segment,
+    one per image with that image's count; pixel_values (and under anyres image_sizes) follow the placeholder
+    order; nothing attends across samples; and the packed loss is the unpacked one. Exchanging the images of two
+    samples changes the loss, so that check would see an image feeding another sample's placeholders."""
+    model, proc = build("clip", "llama", "mlp") if policy == "single" else _anyres_model()
+    sizes = [(64, 64), (40, 30), (32, 96), (48, 64)]  # mixed: under anyres each lays out another grid
+    seed = iter(range(100))
+
+    def images(*picks):  # every image its own noise, so no two samples share a picture
+        return [_noise(tmp_path / f"{n}.png", sizes[k], n) for k, n in zip(picks, seed, strict=False)]
+
+    four = "<image>\n" * 4 + "Which image has the most shapes?"
+    records = [
+        rec("four", images(0, 1, 2, 3), four, "third"),
+        rec("two", images(1, 2), "<image>\n<image>\nAre the shapes in both images the same colour?", "no"),
+        rec("one", images(3), "<image>\nWhat colour is shown?", "red"),
+        rec("text", [], "Say green.", "green"),
+        rec("two-b", images(1, 2), "<image>\n<image>\nWhich image shows a red circle?", "second"),
+    ]
+    ds = SupervisedDataset(records, proc, "chatml", max_length=2048)
+    items = [ds[i] for i in range(len(ds))]
+    pad, image_id = proc.tokenizer.pad_token_id, proc.image_token_id
+    max_length = 2 * max(ds.lengths)
+    packed = PackingCollator(pad, max_length)(items)
+    rows = pack_samples([len(i["input_ids"]) for i in items], max_length)
+    assert len(rows) < len(items) and any(len(r) >= 3 for r in rows)  # really packed, multi-image rows mixed
+
+    order = [i for row in rows for i in row]
+    assert packed["ids"] == [records[i]["id"] for i in order]
+    runs_seen = []
+    for r, row in enumerate(rows):
+        at, segment = 0, torch.full((packed["input_ids"].shape[1],), -1)
+        for i in row:
+            k = len(items[i]["input_ids"])
+            span = packed["input_ids"][r, at : at + k]
+            assert torch.equal(
+                span, items[i]["input_ids"]
+            )  # the sample's tokens, placeholders included, in place
+            flags = (span == image_id).int().tolist()
+            runs = [sum(1 for _ in g) for v, g in itertools.groupby(flags) if v]  # placeholder run lengths
+            counts = [proc.image_token_count(*Image.open(p).size) for p in records[i]["images"]]
+            assert runs == counts, records[i]["id"]  # one run per image, in the record's image order
+            runs_seen += runs
+            segment[at : at + k] = i
+            at += k
+        mask = packed["attention_mask"][r, 0]
+        real = segment >= 0
+        cross = (segment[:, None] != segment[None, :]) & real[:, None] & real[None, :]
+        assert not mask[cross].any()  # no query of one sample sees a key of another
+        assert mask[(segment[:, None] == segment[None, :]) & real[:, None]].sum() > 0
+    assert sum(runs_seen) == int((packed["input_ids"] == image_id).sum())
+
+    # Pixels follow the placeholders: the packed order of the samples, each sample's images in record order.
+    expected = [proc.process_images([Image.open(p).convert("RGB") for p in records[i]["images"]], return_tensors="pt")
+                for i in order if records[i]["images"]]  # fmt: skip
+    assert torch.equal(packed["pixel_values"], torch.cat([e["pixel_values"].float() for e in expected]))
+    if policy == "anyres":
+        hw = [[h, w] for i in order for w, h in (Image.open(p).size for p in records[i]["images"])]
+        assert packed["image_sizes"].tolist() == hw
+
+    with torch.no_grad():
+        total = count = 0.0
+        for item in items:
+            one = Collator(pad)([item])
+            n = int((one["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total, count = total + float(model(**model_inputs(one), use_cache=False).loss) * n, count + n
+        loss = float(model(**model_inputs(packed), use_cache=False).loss)
+        assert loss == pytest.approx(total / count, abs=1e-5)
+        # "two" and "two-b" have images of the same sizes: exchanging them keeps the layout valid, not the loss.
+        a, b = (dict(items[i]) for i in (1, 4))
+        a["pixel_values"], b["pixel_values"] = items[4]["pixel_values"], items[1]["pixel_values"]
+        swapped = PackingCollator(pad, max_length)([items[0], a, items[2], items[3], b])
+        assert abs(float(model(**model_inputs(swapped), use_cache=False).loss) - loss) > 1e-4
 
 
 @pytest.mark.parametrize("pack", [False, True])

@@ -160,6 +160,9 @@ def _problems(record: Any, image_root: Path | None, cache: dict[Path, str | None
         problems.append(f"has {len(images)} image(s) but no {IMAGE_TOKEN} token in any turn")
     elif images and n_tokens != len(images):
         problems.append(f"has {n_tokens} {IMAGE_TOKEN} tokens but {len(images)} images")
+    n_images = record.get("num_images")  # a multi-image eval record's slice field: it must not lie
+    if "num_images" in record and image_ok and (type(n_images) is not int or n_images != len(images)):
+        problems.append(f"'num_images' is {n_images!r} but the record has {len(images)} image(s)")
 
     if len(speakers) == len(convs):  # role order only makes sense when every role is known
         problems += _order_problems(speakers)

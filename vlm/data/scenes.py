@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import pope, scene_records, scene_text
+from . import multi_image, pope, scene_records, scene_text
 from . import scene_questions as sq
 from . import synth_text as text
 from .scene_graph import (
@@ -88,6 +88,7 @@ def _manifest(args: dict[str, Any], out: dict[str, list]) -> dict[str, Any]:
         "stage2_sources": list(STAGE2_SOURCES),
         "families": list(sq.FAMILIES),
         "answers": {f: list(v) for f, v in sq.ANSWERS.items()},
+        "multi_image": multi_image.manifest_entry("scenes"),
     }
 
 
@@ -131,6 +132,7 @@ def generate(
                 bar.update(1)
     out["yesno_train"] = pope.scene_training_records(out["scenes_train"], seed, heldout)
     out["pope_eval"] = pope.scene_pope_records(out["scenes_eval"], out["scenes_train"], seed, heldout)
+    out |= multi_image.records("scenes", out["scenes_train"], out["scenes_eval"], seed, heldout)
     for name in FILES:
         _write_jsonl(paths[name], out[name])
     args = {"seed": seed, "n_train_images": n, "n_eval_images": n_eval, "image_sizes": list(image_sizes)}
@@ -144,7 +146,7 @@ def corpus_texts(n: int = 500, seed: int = 0) -> list[str]:
     """Text for a tokenizer of this world: instructions, yes/no wordings, answers and template words, then the
     training text of n scenes (so every question wording occurs). Not yet wired into `vlm init`, whose tiny
     tokenizer learns the shapes world's corpus (the `vlm.tokenizer_corpora` entry point "synthetic")."""
-    texts = scene_text.corpus_strings() + scene_records.corpus_strings()
+    texts = scene_text.corpus_strings() + scene_records.corpus_strings() + multi_image.corpus_strings()
     texts += [a for answers in sq.ANSWERS.values() for a in answers]
     texts += list(text.CAPTION_INSTRUCTIONS + text.DESCRIBE_INSTRUCTIONS) + [text.SHORT_ANSWER]
     texts += [q.format(pope.with_article(o)) for q in text.YESNO_QUESTIONS for o in pope.ALL_OBJECTS]

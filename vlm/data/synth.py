@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from . import pope
+from . import multi_image, pope
 from . import synth_mix as mix
 from . import synth_para as para
 from . import synth_text as text
@@ -172,6 +172,8 @@ FILES = (
     "describe_eval",  # 5 reference detailed descriptions per image
     "vqa_eval",  # one question per record; `phrasing`: seen or heldout (a wording no training record uses)
     "pope_eval",  # POPE-style yes/no hallucination probe over the eval scenes (vlm/data/pope.py)
+    "multi_train",  # 2 or 4 training scenes per record, one short-answer question about them (multi_image.py)
+    "multi_eval",  # the same from eval scenes, one question each; `question_type` multi_*, `num_images`
 )
 
 
@@ -189,6 +191,7 @@ def _manifest(seed: int, image_sizes: tuple[int, ...], n: int, n_eval: int, out:
         "answers": {qt: list(v) for qt, v in text.ANSWERS.items()},
         "short_answer_instruction": text.SHORT_ANSWER,
         "heldout_questions": {qt: list(v) for qt, v in text.HELDOUT_QUESTIONS.items()},
+        "multi_image": multi_image.manifest_entry("shapes"),
     }
 
 
@@ -226,6 +229,7 @@ def generate(
                 bar.update(1)
     out["yesno_train"] = pope.training_records(out["scenes_train"], seed)
     out["pope_eval"] = pope.pope_records(out["scenes_eval"], seed)
+    out |= multi_image.records("shapes", out["scenes_train"], out["scenes_eval"], seed)
     for name in FILES:
         _write_jsonl(paths[name], out[name])
     manifest = _manifest(seed, image_sizes, n, n_eval, out)

@@ -37,6 +37,7 @@ td:first-child,th:first-child{text-align:left}
 .card.wrong{border-color:#c0392b}.card.right{border-color:#27ae60}.mark{font-weight:bold}
 .wrong .mark{color:#c0392b}.right .mark{color:#27ae60}
 .card img{width:128px;image-rendering:pixelated;display:block;margin-bottom:.3em;border:1px solid #ddd}
+.card img.multi{width:60px;display:inline-block;margin-right:.2em}
 """
 
 
@@ -85,11 +86,13 @@ def bar_chart(slices: dict[str, dict[str, float]], metric: str) -> str:
 
 
 def _card(row: dict[str, Any], image_root: Path) -> str:
-    first = row["image"].split(", ")[0] if row["image"] else ""
-    img = ""
-    if first:
-        path = Path(first) if Path(first).is_absolute() else image_root / first
-        img = f'<img src="{thumbnail_data_url(str(path))}" alt="{html.escape(row["id"])}">'
+    # Every image of the example, in order: a multi-image question ("which image ...") needs them all.
+    paths = [Path(p) if Path(p).is_absolute() else image_root / p for p in row["image"].split(", ") if p]
+    size = ' class="multi"' if len(paths) > 1 else ""
+    img = "".join(
+        f'<img{size} src="{thumbnail_data_url(str(p))}" alt="{html.escape(row["id"])} image {k + 1}">'
+        for k, p in enumerate(paths)
+    )
     verdict = "right" if row["correct"] else "wrong"
     esc = html.escape
     return (

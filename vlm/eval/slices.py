@@ -1,7 +1,8 @@
 """Per-slice scores and the minimum bars `vlm eval --bars FILE` enforces.
 
 A slice is "overall" or "<field>=<value>" (question_type=colour, phrasing=heldout, num_objects=2, image_size=32,
-pope_split=..., and for the scenes world family=count, pair=heldout), taken from the example's record fields. The bars file is YAML: either task sections
+pope_split=..., num_images=4 for multi-image records, and for the scenes world family=count, pair=heldout), taken
+from the example's record fields. The bars file is YAML: either task sections
 
     vqa:
       overall: 0.9
@@ -33,7 +34,9 @@ import yaml
 
 OVERALL = "overall"
 BOUND_KEYS = ("min", "max", "within", "of")
-SLICE_FIELDS = ("question_type", "family", "pair", "phrasing", "num_objects", "image_size", "pope_split")
+SLICE_FIELDS = (
+    "question_type", "family", "pair", "phrasing", "num_objects", "num_images", "image_size", "pope_split",
+)  # fmt: skip
 
 
 def slice_keys(slices: dict[str, str]) -> list[str]:

@@ -2,8 +2,9 @@
 
 An eval record is a LLaVA record whose last turn is the reference answer (`gpt`), with optional reference and
 slice fields: `answers` (list of reference strings; default: the last turn), `question_type`, `num_objects`,
-`image_size`, `pope_split`, and the scenes world's `family` (question family) and `pair` (heldout when the
-question involves a colour-shape pair no training scene shows) (see data/README.md). Everything before the last turn is the prompt.
+`image_size`, `pope_split`, the multi-image records' `num_images`, and the scenes world's `family` (question
+family) and `pair` (heldout when the question involves a colour-shape pair no training scene shows) (see
+data/README.md). Everything before the last turn is the prompt.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ class TaskSpec:
 
 TASKS = {
     "vqa": TaskSpec(
-        "vqa", "accuracy", ("question_type", "family", "pair", "phrasing", "num_objects", "image_size"), 16
+        "vqa",
+        "accuracy",
+        ("question_type", "family", "pair", "phrasing", "num_objects", "num_images", "image_size"),
+        16,
     ),
     "caption": TaskSpec("caption", "cider_d", ("num_objects", "image_size"), 48),
     # Detailed descriptions (every object with colour, size, shape, position): scored as captions, longer.
