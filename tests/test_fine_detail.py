@@ -103,7 +103,7 @@ def test_manifest_lists_the_files_and_output_is_deterministic(detail_dir, tmp_pa
         (["--fine-detail", "-3"], "--fine-detail must be a positive number of images, got -3"),
         (
             ["--fine-detail", "5", "--fine-detail-size", "12"],
-            "--fine-detail-size must be an integer >= 21 px, got 12",
+            "--fine-detail-size must be an integer >= 16 px, got 12",
         ),
     ],
 )

@@ -1,6 +1,10 @@
 """The fine-detail task (issue 19): a large canvas holding one tiny digit, whose identity is the answer.
 
-The digit is a 5x7 px bitmap glyph (1 px strokes) at a random place on a `size` x `size` canvas (default 96).
+The digit is a 5x7 px bitmap glyph (1 px strokes) in a random cell of an 8 px grid on a `size` x `size` canvas
+(default 96), like one character printed on a form. The cell is the tiny tower's patch at native resolution, so
+one patch holds the whole glyph: at an arbitrary pixel offset a 2-layer tower's patches split the strokes and a
+tiny model cannot learn the digit in the demo's budget (measured: a linear probe on the frozen tower's features
+of the tile reads 22% at free offsets, 100% in the grid).
 Resized to the tiny tower's 32 px (the `single` policy), the glyph is a 2 px smudge and unreadable; under
 `anyres` with a 3x3 grid every 32 px tile is at the canvas' native resolution and the strokes are intact. The
 glyph's ink and the background brightness vary per image, so the amount of ink does not give the digit away.
@@ -54,7 +58,8 @@ HELDOUT_QUESTIONS = (
     "Which number is shown in the image?",
     "What digit can you read in the picture?",
 )
-MIN_SIZE = 3 * GLYPH_H  # the glyph plus a margin on every side
+CELL = 8  # the grid the glyph sits in: the tiny tower's patch size
+MIN_SIZE = 2 * CELL
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -66,9 +71,9 @@ def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, 
     background = rng.randint(200, 255)
     ink = rng.randint(0, 90)
     image = Image.new("RGB", (size, size), (background,) * 3)
-    margin = GLYPH_H
-    x = rng.randint(margin, size - margin - GLYPH_W)
-    y = rng.randint(margin, size - margin - GLYPH_H)
+    cells = size // CELL
+    x = CELL * rng.randrange(cells) + rng.randint(0, CELL - GLYPH_W)  # jitter inside the cell
+    y = CELL * rng.randrange(cells) + rng.randint(0, CELL - GLYPH_H)
     pixels = image.load()
     for row, line in enumerate(_FONT[digit]):
         for col, cell in enumerate(line):

@@ -1,0 +1,193 @@
+"""Image policy x connector -> fine-detail accuracy, ordinary VQA, and what the tokens cost (issue 19).
+
+    .venv/bin/python bench/high_res.py [--arms single-mlp,anyres-mlp,anyres-pool2-mlp] [--work runs/high_res]
+        [--data data/hires] [--engine vllm|hf] [--out FILE]
+
+Every arm is the same recipe on the same data, only the image policy (and connector) differs:
+  init     `vlm init --tower runs/stage0/final --llm runs/lm/final` (make stage0 lm: the demo's pretrained parts)
+  stage1   stages/stage1.yaml on the captions (max_length 256: a 64 px scene under anyres is 82 tokens)
+  stage2   bench/high_res_stage2.yaml: short-answer VQA, yes/no, multi-image and fine-detail digit questions
+  eval     `vlm eval --task vqa` on detail_eval.jsonl (one 5x7 px digit on a 96 px canvas), vqa_eval.jsonl and
+           multi_eval.jsonl (2 and 4 images)
+Each step is skipped when its output exists, so a rerun resumes. The data is `vlm data synth --n 6000
+--fine-detail 8000` (made when --data has none). The table goes to stdout and, with --out, to a markdown file.
+The token and KV columns come from `vlm.budget` for the arm's checkpoint; encoder and prefill ms from
+`vlm.budget.measure` on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VLM = [sys.executable, "-m", "vlm.cli"]
+TOWER, LLM = "runs/stage0/final", "runs/lm/final"
+GRIDS = "1x1,2x2,3x3"  # a 32 px scene: 1x1; 48-64 px: 2x2; the 96 px digit canvas: 3x3 at native resolution
+ARMS = {  # name -> vlm init options after --connector
+    "single-mlp": ["--connector", "mlp"],
+    "anyres-mlp": ["--connector", "mlp", "--image-policy", "anyres", "--grids", GRIDS],
+    "anyres-pool2-mlp": ["--connector", "mlp", "--image-policy", "anyres", "--grids", GRIDS, "--pool", "2"],
+    "single-qformer": ["--connector", "qformer"],
+    "anyres-qformer": ["--connector", "qformer", "--image-policy", "anyres", "--grids", GRIDS],
+}
+DEFAULT_ARMS = "single-mlp,anyres-mlp,anyres-pool2-mlp"
+STAGE2 = "bench/high_res_stage2.yaml"
+EVALS = {
+    "detail": "detail_eval",
+    "vqa": "vqa_eval",
+    "multi": "multi_eval",
+}  # each scored by vlm eval --task vqa
+VQA_SLICES = ("colour", "shape", "count", "position")
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a vlm command with its output in `log`; returns the wall seconds. A failure names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(cmd[2:5])} ... failed (exit {proc.returncode}); see {log}")
+    return time.monotonic() - t0
+
+
+def ensure_data(data: Path) -> None:
+    if (data / "detail_train.jsonl").is_file():
+        return
+    print(f"making {data} (vlm data synth --n 6000 --fine-detail 8000)", flush=True)
+    run([*VLM, "data", "synth", "--out", str(data), "--n", "6000", "--fine-detail", "8000", "--quiet"],
+        data / "synth.log")  # fmt: skip
+
+
+def train_arm(arm: str, work: Path, data: Path) -> dict[str, float]:
+    """init, stage 1, stage 2 for one arm; returns the minutes of each training stage (kept in times.json)."""
+    out = work / arm
+    times_file = out / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    base = out / "base"
+    if not (base / "config.json").is_file():
+        run([*VLM, "init", "--tower", TOWER, "--llm", LLM, *ARMS[arm], "--seed", "0", "--out", str(base)],
+            out / "init.log")  # fmt: skip
+    stages = [
+        ("stage1", "stages/stage1.yaml", base, [f"data=[{data}/caption_train.jsonl]", "max_length=256"]),
+        ("stage2", STAGE2, out / "stage1/final", [_stage2_data(data)]),
+    ]
+    for name, recipe, model, extra in stages:
+        if (out / name / "final/config.json").is_file():
+            continue
+        print(f"{arm}: {name}", flush=True)
+        cmd = [*VLM, "train", recipe, f"model={model}", f"output_dir={out / name}", *extra]
+        times[name] = run(cmd, out / f"{name}.log") / 60
+        times_file.write_text(json.dumps(times, indent=2) + "\n")
+    return times
+
+
+def _stage2_data(data: Path) -> str:
+    """The recipe's sources and weights, with their files taken from `data`."""
+    sources = yaml.safe_load((ROOT / STAGE2).read_text())["data"]
+    parts = ",".join(f"{{path: {data / Path(s['path']).name}, weight: {s['weight']}}}" for s in sources)
+    return f"data=[{parts}]"
+
+
+def evaluate(arm: str, work: Path, data: Path, engine: str) -> dict[str, dict]:
+    out = work / arm / "eval"
+    files = {name: data / f"{file}.jsonl" for name, file in EVALS.items()}
+    reports = {}
+    for name, file in files.items():
+        report = out / f"{name}.json"
+        if not report.is_file():
+            cmd = [*VLM, "eval", str(work / arm / "stage2/final"), "--engine", engine, "--quiet"]
+            cmd += ["--task", "vqa", "--data", str(file), "--out", str(report)]
+            run(cmd, out / f"{name}.log")
+        reports[name] = json.loads(report.read_text())["slices"]
+    return reports
+
+
+def cost(arm: str, work: Path) -> dict[str, float]:
+    """Visual tokens, KV MiB and measured encoder / prefill ms for a 96 px digit canvas and a 64 px scene."""
+    from vlm.budget import measure
+
+    ckpt = work / arm / "stage2/final"
+    row = {}
+    for key, side in (("detail", 96), ("scene", 64)):
+        m = measure(str(ckpt), side, side)
+        row[f"{key}_tokens"] = m.visual_tokens
+        row[f"{key}_kv_mib"] = m.kv_mib
+        row[f"{key}_encoder_ms"] = m.encoder_ms
+        row[f"{key}_prefill_ms"] = m.prefill_ms
+        row[f"{key}_requests"] = m.requests_in_budget
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| arm | digit acc | digit, held-out phrasing | VQA overall | "
+        + " | ".join(VQA_SLICES)
+        + " | multi-image 2 / 4 images | tokens 96 px / 64 px | KV MiB 96 px | encoder ms 96 px | prefill ms 96 px | requests / KV budget "
+        "| stage 1 + 2 min |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        d, v = r["detail"], r["vqa"]
+        cells = [
+            r["arm"],
+            f"{d['overall']['accuracy']:.3f}",
+            f"{d.get('phrasing=heldout', {}).get('accuracy', float('nan')):.3f}",
+            f"{v['overall']['accuracy']:.3f}",
+            *(f"{v[f'question_type={q}']['accuracy']:.3f}" for q in VQA_SLICES),
+            " / ".join(f"{r['multi'][f'num_images={k}']['accuracy']:.3f}" for k in (2, 4)),
+            f"{r['detail_tokens']} / {r['scene_tokens']}",
+            f"{r['detail_kv_mib']:.2f}",
+            f"{r['detail_encoder_ms']:.1f}",
+            f"{r['detail_prefill_ms']:.1f}",
+            f"{r['detail_requests']}",
+            f"{r['times'].get('stage1', 0) + r['times'].get('stage2', 0):.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs/high_res")
+    ap.add_argument("--data", type=Path, default=ROOT / "data/hires")
+    ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    for part in (TOWER, LLM):
+        if not (ROOT / part / "config.json").is_file():
+            ap.error(f"{part} is missing: run `make stage0 lm` first (the demo's pretrained tower and LLM)")
+    ensure_data(args.data)
+    rows = []
+    for arm in arms:
+        times = train_arm(arm, args.work, args.data)
+        reports = evaluate(arm, args.work, args.data, args.engine)
+        rows.append({"arm": arm, "times": times, **reports, **cost(arm, args.work)})
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (
+        f"`python bench/high_res.py --arms {','.join(arms)} --engine {args.engine}`, {stamp}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table(rows)}\n"
+    )
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
