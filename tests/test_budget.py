@@ -201,7 +201,8 @@ def test_measure_times_a_tiny_anyres_checkpoint(anyres_checkpoint):
     assert m.row.text_tokens == 40  # the filler question brings the template's text to the tokens asked for
     per_request = m.row.kv_bytes_per_token * m.prompt_tokens
     assert m.row.kv_bytes_per_token == 2 * 2 * 2 * 64 * 4  # fp32, tiny llama
-    assert m.requests == int(0.001 * 2**30) // per_request > 0
+    assert m.requests_in_budget == int(0.001 * 2**30) // per_request > 0
+    assert (m.visual_tokens, m.kv_mib) == (82, per_request / 2**20)
     with pytest.raises(ValueError, match=r"image 8x8 px is smaller than one 32 px tile"):
         measure(anyres_checkpoint, 8, 8)
 

@@ -405,10 +405,19 @@ class Measurement:
     encoder_ms: float  # tower + connector (+ newline assembly) over all crops
     prefill_ms: float  # the LLM's forward over the whole prompt, image embeddings merged in; encoder excluded
     kv_budget_gib: float
-    requests: int  # floor(budget / KV per request)
+    requests_in_budget: int  # floor(budget / KV per request)
     threads: int
     repeats: int
     warmup: int
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.row.tokens_per_image
+
+    @property
+    def kv_mib(self) -> float:
+        """KV cache of this request (image + its text), in --dtype."""
+        return self.row.kv_mib
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -537,7 +546,7 @@ def _measure(
         encoder_ms=encoder_ms,
         prefill_ms=prefill_ms,
         kv_budget_gib=kv_budget_gib,
-        requests=budget // (row.kv_bytes_per_token * row.tokens),
+        requests_in_budget=budget // (row.kv_bytes_per_token * row.tokens),
         threads=torch.get_num_threads(),
         repeats=repeats,
         warmup=warmup,
@@ -549,7 +558,7 @@ def measured_columns(m: Measurement) -> tuple:
     return (
         ("encoder ms", 10, lambda r: f"{m.encoder_ms:.3g}"),
         ("prefill ms", 10, lambda r: f"{m.prefill_ms:.3g}"),
-        (fit, len(fit), lambda r: f"{m.requests:,}"),
+        (fit, len(fit), lambda r: f"{m.requests_in_budget:,}"),
     )
 
 

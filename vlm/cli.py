@@ -174,9 +174,7 @@ def tokens_measured(args: argparse.Namespace) -> int:
         f"{args.dtype}, median of {m.repeats} after {m.warmup} warm-up, {m.threads} torch threads"
     )
     print(format_budget([m.row], title, measured_columns(m)))
-    print(
-        f"fit {m.kv_budget_gib:g} GiB: requests whose KV cache ({m.row.kv_mib:.3g} MiB each) fits the budget"
-    )
+    print(f"fit {m.kv_budget_gib:g} GiB: requests whose KV cache ({m.kv_mib:.3g} MiB each) fits the budget")
     try:
         real, (w, h) = real_shape_row(config, m.width, m.height, m.row.text_tokens, args.dtype)
     except ValueError as err:
