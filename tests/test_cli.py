@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vlm.budget import token_budget
+from vlm.budget import budget_rows
 from vlm.cli import main
 
 
@@ -51,7 +51,7 @@ def test_init_rejects_bad_connector_options(tmp_path, capsys):
 def test_token_budget_for_clip_l_336():
     rows = {
         r.connector: r
-        for r in token_budget("clip-vit-l-14-336", "llama-7b", ["linear", "mlp", "qformer", "perceiver"])
+        for r in budget_rows("clip-vit-l-14-336", "llama-7b", ["linear", "mlp", "qformer", "perceiver"])
     }
     assert {name: r.tokens_per_image for name, r in rows.items()} == {
         "linear": 576,
@@ -68,4 +68,4 @@ def test_tokens_cli_prints_the_table(capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "mlp" in out and " 729 " in out and "qformer" in out and "32768" in out
+    assert "mlp" in out and " 729 " in out and "qformer" in out and "32,768" in out

@@ -80,15 +80,110 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tokens(args: argparse.Namespace) -> int:
-    from .budget import format_budget, token_budget
-    from .connectors import available_connectors
+def image_size_arg(value: str) -> tuple[int, int]:
+    """`WxH` or `N` (a square), in pixels."""
+    from .budget import parse_image_size
 
-    connectors = available_connectors() if args.connector == "all" else args.connector.split(",")
-    llm = args.llm or ("llama" if TOWER_PRESETS[args.tower].tiny else "llama-7b")
-    rows = token_budget(args.tower, llm, connectors, image_size=args.image_size, context=args.context)
-    size = args.image_size or TOWER_PRESETS[args.tower].params["image_size"]
-    print(format_budget(rows, f"visual token budget: tower {args.tower} at {size}px, LLM {llm}"))
+    try:
+        return parse_image_size(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def tokens_policy(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The image policy `vlm tokens` was asked for (init's defaults fill what is not given), None if no flag was."""
+    if args.image_policy is None and args.grids is None and args.pool is None:
+        return None
+    given = argparse.Namespace(
+        image_policy=args.image_policy or "single",
+        grids=args.grids,
+        pool=1 if args.pool is None else args.pool,
+    )
+    return image_policy_from_args(given)
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from .budget import budget_rows, format_budget
+
+    if args.measure:
+        return tokens_measured(args)
+    tower = args.tower or "clip-vit-l-14-336"
+    llm = args.llm or ("llama" if TOWER_PRESETS[tower].tiny else "llama-7b")
+    width, height = args.image_size or (None, None)
+    connectors = None if args.connector in (None, "all") else args.connector.split(",")
+    rows = budget_rows(
+        tower,
+        llm,
+        connectors,
+        width,
+        height,
+        policy=tokens_policy(args),
+        text_tokens=args.text_tokens,
+        dtype=args.dtype,
+        context=args.context,
+        tower_size=args.tower_size,
+    )
+    size = args.tower_size or TOWER_PRESETS[tower].params["image_size"]
+    print(format_budget(rows, f"visual token budget: tower {tower} ({size} px tiles), LLM {llm}"))
+    return 0
+
+
+def tokens_measured(args: argparse.Namespace) -> int:
+    """`vlm tokens --measure CKPT`: the checkpoint's own row with times measured here, then the same policy and
+    connector at real shapes."""
+    from .budget import (
+        REAL_LLM,
+        REAL_TOWER,
+        format_budget,
+        measure,
+        measured_columns,
+        policy_conflict,
+        real_shape_row,
+    )
+    from .config import VLMConfig
+
+    from_checkpoint = {
+        "--tower": args.tower,
+        "--llm": args.llm,
+        "--connector": args.connector,
+        "--tower-size": args.tower_size,
+        "--context": args.context,
+    }
+    given = [flag for flag, value in from_checkpoint.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"--measure reads the tower, LLM, connector and context from the checkpoint; drop {', '.join(given)}"
+        )
+    config = VLMConfig.from_pretrained(args.measure)
+    note = policy_conflict(tokens_policy(args), config.image_policy)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    width, height = args.image_size or (None, None)
+    m = measure(
+        args.measure,
+        width,
+        height,
+        text_tokens=args.text_tokens,
+        dtype=args.dtype,
+        kv_budget_gib=args.kv_budget_gib,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    title = (
+        f"measured: {m.checkpoint} ({config.image_size} px tiles, {config.text_config.model_type} LLM), "
+        f"{args.dtype}, median of {m.repeats} after {m.warmup} warm-up, {m.threads} torch threads"
+    )
+    print(format_budget([m.row], title, measured_columns(m)))
+    print(f"fit {m.kv_budget_gib:g} GiB: requests whose KV cache ({m.kv_mib:.3g} MiB each) fits the budget")
+    try:
+        real, (w, h) = real_shape_row(config, m.width, m.height, m.row.text_tokens, args.dtype)
+    except ValueError as err:
+        print(f"\nat real shapes ({REAL_TOWER} + {REAL_LLM}): not shown, {err}")
+        return 0
+    print()
+    print(format_budget([real], f"the same policy and connector at real shapes: {REAL_TOWER} + {REAL_LLM}"))
+    if config.policy.tiled and (w, h) != (m.width, m.height):
+        print(f"(the image scaled by the tile ratio to {w}x{h} px, so the policy picks the same grid)")
     return 0
 
 
@@ -152,6 +247,32 @@ def add_import_parser(sub) -> None:
     p.set_defaults(func=cmd_import)
 
 
+def add_image_policy_arguments(p: argparse.ArgumentParser, *flags: str) -> None:
+    """--image-policy (under the names `flags`), --grids and --pool, read by image_policy_from_args."""
+    from .policies import available_image_policies
+
+    p.add_argument(
+        *flags,
+        dest="image_policy",
+        choices=available_image_policies(),
+        default="single",
+        help="single: one crop per image (default); anyres: a thumbnail plus a grid of tiles (LLaVA-NeXT)",
+    )
+    p.add_argument(
+        "--grids",
+        type=grids_arg,
+        default=None,
+        metavar="RxC,...",
+        help="anyres tile grids to choose from, rows x cols (default 1x2,2x1,2x2,1x3,3x1)",
+    )
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=1,
+        help="average-pool each crop's patch grid N x N before the connector (1: off; 2 quarters mlp/linear tokens)",
+    )
+
+
 def add_init_parser(sub) -> None:
     p = sub.add_parser("init", help="build a random-init base checkpoint from presets or pretrained parts")
     p.add_argument(
@@ -175,39 +296,60 @@ def add_init_parser(sub) -> None:
         default=None,
         help="default: drop CLS (tower default)",
     )
-    from .policies import available_image_policies
-
-    p.add_argument(
-        "--image-policy",
-        choices=available_image_policies(),
-        default="single",
-        help="single: one crop per image (default); anyres: a thumbnail plus a grid of tiles (LLaVA-NeXT)",
-    )
-    p.add_argument(
-        "--grids",
-        type=grids_arg,
-        default=None,
-        metavar="RxC,...",
-        help="anyres tile grids to choose from, rows x cols (default 1x2,2x1,2x2,1x3,3x1)",
-    )
-    p.add_argument(
-        "--pool",
-        type=int,
-        default=1,
-        help="average-pool each crop's patch grid N x N before the connector (1: off; 2 quarters mlp/linear tokens)",
-    )
+    add_image_policy_arguments(p, "--image-policy")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
 
 
 def add_tokens_parser(sub) -> None:
-    p = sub.add_parser("tokens", help="print visual tokens per image and their share of the LLM context")
-    p.add_argument("--tower", default="clip-vit-l-14-336", choices=list(TOWER_PRESETS))
-    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the tower's)")
-    p.add_argument("--connector", default="all", help="connector name(s), comma-separated, or 'all'")
-    p.add_argument("--llm", default=None, choices=list(LLM_PRESETS), help="LLM preset for the context length")
+    from .budget import DEFAULT_KV_BUDGET_GIB, DEFAULT_TEXT_TOKENS, DTYPES
+
+    p = sub.add_parser(
+        "tokens",
+        help="per connector: visual tokens per image, KV cache and prefill FLOPs per request (--measure: timed here)",
+    )
+    p.add_argument("--tower", default=None, choices=list(TOWER_PRESETS), help="default clip-vit-l-14-336")
+    p.add_argument(
+        "--llm", default=None, choices=list(LLM_PRESETS), help="default llama (tiny tower) or llama-7b"
+    )
+    p.add_argument("--connector", default=None, help="connector name(s), comma-separated, or 'all' (default)")
+    p.add_argument(
+        "--image-size",
+        type=image_size_arg,
+        default=None,
+        metavar="WxH",
+        help="the image, WxH px or N (a square); default one tile",
+    )
+    add_image_policy_arguments(p, "--policy", "--image-policy")
+    p.set_defaults(
+        image_policy=None, pool=None
+    )  # None: not given (--measure compares them with the checkpoint's)
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=DEFAULT_TEXT_TOKENS,
+        help=f"text tokens per request besides the image (default {DEFAULT_TEXT_TOKENS})",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV cache (and --measure) dtype")
     p.add_argument("--context", type=int, default=None, help="context length (default: the LLM's)")
+    p.add_argument("--tower-size", type=int, default=None, help="override the tower's input resolution (px)")
+    p.add_argument(
+        "--measure",
+        metavar="CKPT",
+        default=None,
+        help="time the checkpoint's encoder and prefill here, under its own image policy",
+    )
+    p.add_argument(
+        "--kv-budget-gib",
+        type=float,
+        default=DEFAULT_KV_BUDGET_GIB,
+        help=f"--measure: the KV memory requests share (default {DEFAULT_KV_BUDGET_GIB:g} GiB)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="--measure: timed repeats, the median reported")
+    p.add_argument(
+        "--threads", type=int, default=None, help="--measure: torch threads (default: torch's, one per core)"
+    )
     p.set_defaults(func=cmd_tokens)
 
 
