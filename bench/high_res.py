@@ -120,7 +120,7 @@ def cost(arm: str, work: Path) -> dict[str, float]:
     ckpt = work / arm / "stage2/final"
     row = {}
     for key, side in (("detail", 96), ("scene", 64)):
-        m = measure(str(ckpt), side, side)
+        m = measure(str(ckpt), side, side, threads=1)  # 2 threads on a shared 2-core box measure contention
         row[f"{key}_tokens"] = m.visual_tokens
         row[f"{key}_kv_mib"] = m.kv_mib
         row[f"{key}_encoder_ms"] = m.encoder_ms

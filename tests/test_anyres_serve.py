@@ -1,5 +1,6 @@
 """`vlm serve` on an anyres checkpoint: a chat's prompt tokens are the HF processor's count for the image's size,
-and an image too small to tile is a 400 naming its size and the tile, not a 500; the server survives it."""
+and an image too small to tile, more images than the server takes, or tiles that overflow the context are each a
+400 naming the count and the limit, not a 500; the server survives them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 openai = pytest.importorskip("openai")
 
 NAME = "anyres-serve"
+MAX_MODEL_LEN = 256  # four 64 px images tile to 4 x 82 tokens: over it
 QUESTION = "what colour is the shape?"
 
 
@@ -20,7 +22,8 @@ def served(tmp_path_factory):
 
     model, processor = build_base_model("clip", "llama", "mlp", seed=0, image_policy={"type": "anyres"})
     ckpt = save_checkpoint(model, processor, _ROOT / NAME)
-    server = Server(NAME, ckpt, ["--enforce-eager"], tmp_path_factory.mktemp("logs"))
+    args = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
+    server = Server(NAME, ckpt, args, tmp_path_factory.mktemp("logs"))
     try:
         server.wait_ready()
         yield server, processor
@@ -28,8 +31,8 @@ def served(tmp_path_factory):
         server.stop()
 
 
-def chat(server, image):
-    content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(image))}}]
+def chat(server, *images):
+    content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(im))}} for im in images]
     content.append({"type": "text", "text": QUESTION})
     return server.client().chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0.0
@@ -55,3 +58,24 @@ def test_an_image_too_small_to_tile_is_a_400(served):
     assert info.value.status_code == 400, info.value.message
     assert "image 20x16 px is smaller than one 32 px tile" in info.value.message
     assert server.healthy()
+
+
+def test_more_images_than_the_server_takes_is_a_400(served):
+    server, _ = served
+    with pytest.raises(openai.APIStatusError) as info:
+        chat(server, *[noise_image(k, (40, 40)) for k in range(5)])
+    assert info.value.status_code == 400, info.value.message
+    assert "the request has 5 images; this server accepts at most 4" in info.value.message
+    assert server.healthy()
+
+
+def test_tiles_that_overflow_the_context_are_a_400_naming_the_count_and_the_limit(served):
+    server, processor = served
+    images = [noise_image(k, (64, 64)) for k in range(4)]
+    assert 4 * processor.image_token_count(64, 64) > MAX_MODEL_LEN
+    with pytest.raises(openai.APIStatusError) as info:
+        chat(server, *images)
+    assert info.value.status_code == 400, info.value.message
+    assert str(MAX_MODEL_LEN) in info.value.message
+    assert server.healthy()
+    assert chat(server, images[0]).usage.prompt_tokens < MAX_MODEL_LEN  # one of them still fits

@@ -42,6 +42,8 @@ def test_every_answer_is_the_digit_drawn_and_nothing_else_is_drawn(detail_dir):
             assert image.size == (96, 96)
             assert _read_glyph(image, rec["glyph_box"]) == rec["conversations"][-1]["value"]
             x, y, w, h = rec["glyph_box"]
+            assert 32 <= x and x + w <= 64 and 32 <= y and y + h <= 64  # the centre tile of a 3x3 grid
+            assert (x % 8, y % 8) == (1, 0)  # one place in its 8 px cell: one tower patch holds it
             outside = [
                 image.getpixel((i, j))
                 for i in range(96)

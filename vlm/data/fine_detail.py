@@ -1,13 +1,12 @@
 """The fine-detail task (issue 19): a large canvas holding one tiny digit, whose identity is the answer.
 
-The digit is a 5x7 px bitmap glyph (1 px strokes) in a random cell of an 8 px grid on a `size` x `size` canvas
-(default 96), like one character printed on a form. The cell is the tiny tower's patch at native resolution, so
-one patch holds the whole glyph: at an arbitrary pixel offset a 2-layer tower's patches split the strokes and a
-tiny model cannot learn the digit in the demo's budget (measured: a linear probe on the frozen tower's features
-of the tile reads 22% at free offsets, 100% in the grid).
-Resized to the tiny tower's 32 px (the `single` policy), the glyph is a 2 px smudge and unreadable; under
-`anyres` with a 3x3 grid every 32 px tile is at the canvas' native resolution and the strokes are intact. The
-glyph's ink and the background brightness vary per image, so the amount of ink does not give the digit away.
+The digit is a 5x7 px bitmap glyph (1 px strokes) at the same place in a random cell of an 8 px grid, like one
+character printed on a form, on a `size` x `size` canvas (default 96). The cells are those of the middle third:
+under `anyres` with a 3x3 grid of 32 px tiles that is the centre tile, at the canvas' native resolution, where
+one patch of the tiny tower holds the whole glyph. (At arbitrary pixel offsets a 2-layer tower's patches split
+the strokes: a linear probe of its frozen features reads 22% of digits there, 100% in the grid.) Resized to the
+tower's 32 px (the `single` policy) the glyph is a 2 px smudge. The ink and the background brightness vary per
+image, so the amount of ink does not give the digit away.
 
 Training and held-out images come from separate seed streams, as in the other worlds; the records are
 short-answer VQA (`question_type: digit`), so `vlm eval --task vqa` scores them with their own slice.
@@ -71,9 +70,11 @@ def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, 
     background = rng.randint(200, 255)
     ink = rng.randint(0, 90)
     image = Image.new("RGB", (size, size), (background,) * 3)
-    cells = size // CELL
-    x = CELL * rng.randrange(cells) + rng.randint(0, CELL - GLYPH_W)  # jitter inside the cell
-    y = CELL * rng.randrange(cells) + rng.randint(0, CELL - GLYPH_H)
+    lo, hi = -(-size // 3 // CELL), (2 * size // 3) // CELL  # the cells of the middle third
+    if hi <= lo:  # a canvas too small to have a middle third of whole cells: anywhere
+        lo, hi = 0, size // CELL
+    x = CELL * rng.randrange(lo, hi) + 1  # the same place in every cell, as a font's character box
+    y = CELL * rng.randrange(lo, hi)
     pixels = image.load()
     for row, line in enumerate(_FONT[digit]):
         for col, cell in enumerate(line):
