@@ -68,6 +68,7 @@ def test_the_presets_turn_the_caches_on(preset):
     argv = vllm_server_argv(args, "m")
     assert "--enable-prefix-caching" in argv and "--enable-chunked-prefill" in argv
     assert argv[argv.index("--mm-processor-cache-gb") + 1] == "4.0"
+    assert argv[argv.index("--mm-processor-cache-type") + 1] == "shm"
 
 
 @pytest.mark.vllm
@@ -87,3 +88,4 @@ def test_vllm_reads_the_cache_flags_as_meant():
     parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_server_argv(args, "m"))
     assert parsed.enable_prefix_caching is True and parsed.enable_chunked_prefill is True
     assert parsed.mm_processor_cache_gb == 4
+    assert parsed.mm_processor_cache_type == "shm"  # lru's per-process copies drift after a refused request

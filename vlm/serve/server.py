@@ -47,6 +47,7 @@ def vllm_server_argv(args: argparse.Namespace, served_name: str) -> list[str]:
     argv.append("--enable-prefix-caching" if args.prefix_caching else "--no-enable-prefix-caching")
     argv.append("--enable-chunked-prefill" if args.chunked_prefill else "--no-enable-chunked-prefill")
     argv += ["--mm-processor-cache-gb", str(args.mm_processor_cache_gb)]
+    argv += ["--mm-processor-cache-type", args.mm_processor_cache_type]
     # No --api-key for vLLM: the guard checks the key on every route, and vLLM would log its arguments.
     if args.enforce_eager:
         argv.append("--enforce-eager")
@@ -173,6 +174,14 @@ def add_serve_parser(sub) -> None:
         type=float,
         default=4.0,
         help="GiB of processed images kept, so a repeated image skips the image processor (0: off)",
+    )
+    p.add_argument(
+        "--mm-processor-cache-type",
+        choices=("shm", "lru"),
+        default="shm",
+        help="shm (default): one cache in shared memory. vLLM's lru keeps a copy per process, and a request "
+        "refused after its images were cached (a prompt over the context) leaves the copies apart: the next "
+        "request with one of those images then fails with a 500 (vllm 0.32)",
     )
     p.add_argument(
         "--chunked-prefill",
