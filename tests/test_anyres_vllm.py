@@ -7,8 +7,7 @@ from __future__ import annotations
 import gc
 
 import pytest
-import torch
-from vllm_helpers import _ROOT, noise_image
+from vllm_helpers import _ROOT, hf_greedy, noise_image
 
 from vlm.vllm_env import set_engine_env
 
@@ -62,18 +61,8 @@ def test_vllm_matches_transformers_under_anyres(name):
         batch = processor(text=[prompt], images=images, return_tensors="pt")
         counts = [config.image_token_count(*im.size) for im in images]
         assert int((batch["input_ids"] == config.image_token_index).sum()) == sum(counts)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        tokens = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
-        expected.append(
-            (batch["input_ids"][0].tolist(), tokens, torch.log_softmax(out.logits[0][0].float(), -1))
-        )
+        tokens, first_logprobs = hf_greedy(model, batch, MAX_TOKENS)
+        expected.append((batch["input_ids"][0].tolist(), tokens, first_logprobs))
         requests.append(
             {"prompt": prompt, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
         )

@@ -11,8 +11,7 @@ from __future__ import annotations
 import gc
 
 import pytest
-import torch
-from vllm_helpers import noise_image, tiny_checkpoint
+from vllm_helpers import hf_greedy, noise_image, tiny_checkpoint
 
 from vlm.vllm_env import set_engine_env
 
@@ -68,17 +67,7 @@ def test_vllm_greedy_matches_transformers(connector):
             [{"role": "user", "content": content}], add_generation_prompt=True
         )
         batch = processor(text=[prompt], images=images or None, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        tokens = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
-        first_logprobs = torch.log_softmax(out.logits[0][0].float(), dim=-1)
-        expected.append((tokens, first_logprobs))
+        expected.append(hf_greedy(model, batch, MAX_TOKENS))
         request = {"prompt": prompt}
         if images:
             request["multi_modal_data"] = {"image": images if n_images > 1 else images[0]}

@@ -40,6 +40,22 @@ def noise_image(seed: int, size=(40, 36)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def hf_greedy(model, batch, max_new_tokens: int):
+    """transformers' greedy reply to one processed prompt: (new token ids, log-probs of the first step)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
+    return tokens, torch.log_softmax(out.logits[0][0].float(), dim=-1)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
