@@ -4,34 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..suggest import did_you_mean
+from ..registry import Registry
 from .base import Connector, ConnectorConfig
 
-_CONNECTORS: dict[str, type[Connector]] = {}
+_CONNECTORS: Registry[type[Connector]] = Registry("connector")
 
 
 def register_connector(name: str):
-    def decorator(cls: type[Connector]) -> type[Connector]:
-        if name in _CONNECTORS and _CONNECTORS[name] is not cls:
-            raise ValueError(f"connector {name!r} is already registered by {_CONNECTORS[name].__qualname__}")
-        cls.config_class.type = name
-        _CONNECTORS[name] = cls
-        return cls
-
-    return decorator
+    return _CONNECTORS.register(name)
 
 
 def available_connectors() -> list[str]:
-    return sorted(_CONNECTORS)
+    return _CONNECTORS.names()
 
 
 def get_connector_class(name: str) -> type[Connector]:
-    if name not in _CONNECTORS:
-        available = ", ".join(available_connectors())
-        raise ValueError(
-            f"unknown connector {name!r} (available: {available}){did_you_mean(name, _CONNECTORS)}"
-        )
-    return _CONNECTORS[name]
+    return _CONNECTORS.get(name)
 
 
 def connector_config_from_dict(values: dict[str, Any]) -> ConnectorConfig:

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..suggest import did_you_mean
+from ..registry import Registry
 from .base import ImagePolicy, ImagePolicyConfig
 
-_POLICIES: dict[str, type[ImagePolicy]] = {}
+_POLICIES: Registry[type[ImagePolicy]] = Registry("image policy", lookup_label="image_policy type")
 DEFAULT_POLICY = "single"
 
 
 def register_image_policy(name: str):
-    def decorator(cls: type[ImagePolicy]) -> type[ImagePolicy]:
-        if name in _POLICIES and _POLICIES[name] is not cls:
-            raise ValueError(f"image policy {name!r} is already registered by {_POLICIES[name].__qualname__}")
-        cls.config_class.type = name
-        _POLICIES[name] = cls
-        return cls
-
-    return decorator
+    return _POLICIES.register(name)
 
 
 def available_image_policies() -> list[str]:
-    return sorted(_POLICIES)
+    return _POLICIES.names()
 
 
 def _policy_class(name: Any) -> type[ImagePolicy]:
-    if name not in _POLICIES:
-        raise ValueError(
-            f"unknown image_policy type {name!r} (available: {', '.join(available_image_policies())})"
-            f"{did_you_mean(str(name), _POLICIES)}"
-        )
-    return _POLICIES[name]
+    return _POLICIES.get(name)
 
 
 def image_policy_config_from_dict(values: dict[str, Any] | None) -> ImagePolicyConfig:
