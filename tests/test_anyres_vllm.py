@@ -4,10 +4,8 @@ different shapes in one prompt."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
-from vllm_helpers import _ROOT, hf_greedy, noise_image
+from vllm_helpers import _ROOT, hf_greedy, noise_image, vllm_greedy
 
 from vlm.vllm_env import set_engine_env
 
@@ -44,7 +42,7 @@ def _requests():
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_vllm_matches_transformers_under_anyres(name):
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     ckpt = str(_checkpoint(name))
     processor = AutoProcessor.from_pretrained(ckpt)
@@ -76,13 +74,7 @@ def test_vllm_matches_transformers_under_anyres(name):
         seed=0,
         limit_mm_per_prompt={"image": 4},
     )
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
-        outputs = llm.generate(requests, params, use_tqdm=False)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    outputs = vllm_greedy(llm, requests, MAX_TOKENS)
 
     for (images, _), (hf_ids, tokens, logprobs), output in zip(_requests(), expected, outputs, strict=True):
         shapes = [im.size for im in images]

@@ -8,10 +8,8 @@ towers (CLIP, SigLIP) and both LLM families (Llama, Qwen2).
 
 from __future__ import annotations
 
-import gc
-
 import pytest
-from vllm_helpers import hf_greedy, noise_image, tiny_checkpoint
+from vllm_helpers import hf_greedy, noise_image, tiny_checkpoint, vllm_greedy
 
 from vlm.vllm_env import set_engine_env
 
@@ -48,7 +46,7 @@ def _samples():
 @pytest.mark.parametrize("connector", list(CHECKPOINTS))
 def test_vllm_greedy_matches_transformers(connector):
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     import vlm  # noqa: F401  (registers the Auto classes)
 
@@ -82,14 +80,8 @@ def test_vllm_greedy_matches_transformers(connector):
         seed=0,
         limit_mm_per_prompt={"image": len(MIXED)},
     )
-    try:
-        # Both sides stop on the checkpoint's generation_config stop tokens (</s>, <|im_end|>).
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
-        outputs = llm.generate(requests, params, use_tqdm=False)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    # Both sides stop on the checkpoint's generation_config stop tokens (</s>, <|im_end|>).
+    outputs = vllm_greedy(llm, requests, MAX_TOKENS)
 
     for (question, sizes), (tokens, hf_logprobs), output in zip(_samples(), expected, outputs, strict=True):
         n_images = len(sizes)

@@ -56,6 +56,21 @@ def hf_greedy(model, batch, max_new_tokens: int):
     return tokens, torch.log_softmax(out.logits[0][0].float(), dim=-1)
 
 
+def vllm_greedy(llm, requests, max_tokens: int):
+    """vLLM's greedy outputs (top-5 log-probs each step) for `requests`; shuts the engine down either way."""
+    import gc
+
+    from vllm import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5)
+        return llm.generate(requests, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")

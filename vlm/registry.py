@@ -6,7 +6,8 @@ which class builds it. Unknown names get the available ones and the closest matc
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import dataclasses
+from typing import Any, ClassVar, Generic, TypeVar
 
 from .suggest import did_you_mean
 
@@ -41,3 +42,27 @@ class Registry(Generic[T]):
                 f"{did_you_mean(str(name), self._classes)}"
             )
         return self._classes[name]
+
+
+class RegisteredConfig:
+    """Base of a registered class's typed dataclass config: `type` is the registered name (set by `register`);
+    `kind` names the extension point in errors."""
+
+    type: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a dict (a YAML preset or config.json section), refusing unknown keys by name."""
+        values = {k: v for k, v in values.items() if k != "type"}
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ValueError(
+                    f"unknown key {key!r} for {cls.kind} {cls.type!r}{did_you_mean(key, known)} "
+                    f"valid keys: {', '.join(known)}"
+                )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}

@@ -9,11 +9,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..suggest import did_you_mean
+from ..registry import RegisteredConfig
 
 
 @dataclasses.dataclass
-class ConnectorConfig:
+class ConnectorConfig(RegisteredConfig):
     """Base of each connector's typed config; subclasses add their own fields.
 
     A field's default is what a config.json written before the field existed means, so old checkpoints load
@@ -21,28 +21,12 @@ class ConnectorConfig:
     preset or option does not say otherwise.
     """
 
-    type: ClassVar[str] = ""
+    kind: ClassVar[str] = "connector"
     new_checkpoint: ClassVar[dict[str, Any]] = {}
 
     # A learnable scale on the output (stored as its log, so Adam's steps are relative), set at `vlm init` so
     # image tokens start at the RMS of the LLM's text embeddings (a final norm otherwise gives ~1 vs ~0.02).
     output_scale: bool = False
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ConnectorConfig:
-        """Build from a dict (YAML preset or config.json), rejecting unknown keys by name."""
-        values = {k: v for k, v in values.items() if k != "type"}
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                raise ValueError(
-                    f"unknown key {key!r} for connector {cls.type!r}{did_you_mean(key, known)} "
-                    f"valid keys: {', '.join(known)}"
-                )
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **dataclasses.asdict(self)}
 
 
 class Connector(nn.Module):

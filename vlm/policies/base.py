@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from PIL import Image
 
-from ..suggest import did_you_mean
+from ..registry import RegisteredConfig
 
 
 @dataclasses.dataclass
-class ImagePolicyConfig:
+class ImagePolicyConfig(RegisteredConfig):
     """Base of each policy's typed config; subclasses add their own fields. A field's default is what a
     config.json without it means (an old checkpoint has no `image_policy` at all: `single`, pool 1)."""
 
-    type: ClassVar[str] = ""
+    kind: ClassVar[str] = "image policy"
 
     # Average-pool each crop's patch grid by `pool` x `pool` before the connector (1: off). It divides the
     # tokens of the linear/mlp connectors by pool**2; the Q-Former and Perceiver keep their query count.
@@ -26,21 +26,6 @@ class ImagePolicyConfig:
     def __post_init__(self):
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
             raise ValueError(f"image_policy pool must be an integer >= 1, got {self.pool!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ImagePolicyConfig:
-        values = {k: v for k, v in values.items() if k != "type"}
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                raise ValueError(
-                    f"unknown key {key!r} for image policy {cls.type!r}{did_you_mean(key, known)} "
-                    f"valid keys: {', '.join(known)}"
-                )
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
