@@ -37,17 +37,19 @@ def _lines(path):
 
 def test_every_answer_is_the_digit_drawn_and_nothing_else_is_drawn(detail_dir):
     for name in fine_detail.FILES:
+        side = 32 if name == "detail_small_train" else 96  # the curriculum canvas is the tower's size
         for rec in _lines(detail_dir / f"{name}.jsonl"):
             image = Image.open(detail_dir / rec["image"])
-            assert image.size == (96, 96)
+            assert image.size == (side, side) and rec["image_size"] == side
             assert _read_glyph(image, rec["glyph_box"]) == rec["conversations"][-1]["value"]
             x, y, w, h = rec["glyph_box"]
-            assert 32 <= x and x + w <= 64 and 32 <= y and y + h <= 64  # the centre tile of a 3x3 grid
+            lo, hi = side // 2 - 8, side // 2 + 8  # the 2x2 cells around the centre: 96 px, the centre tile
+            assert lo <= x and x + w <= hi and lo <= y and y + h <= hi
             assert (x % 8, y % 8) == (1, 0)  # one place in its 8 px cell: one tower patch holds it
             outside = [
                 image.getpixel((i, j))
-                for i in range(96)
-                for j in range(96)
+                for i in range(side)
+                for j in range(side)
                 if not (x <= i < x + w and y <= j < y + h)
             ]
             assert len(set(outside)) == 1  # a plain background: the glyph is the only evidence
@@ -89,7 +91,8 @@ def test_records_are_valid_short_answer_vqa_with_slices(detail_dir):
 def test_manifest_lists_the_files_and_output_is_deterministic(detail_dir, tmp_path):
     manifest = json.loads((detail_dir / "manifest.json").read_text())
     assert manifest["files"]["detail_train"]["records"] == 40
-    assert manifest["fine_detail"]["canvas"] == 96
+    assert manifest["files"]["detail_small_train"]["records"] == 20
+    assert (manifest["fine_detail"]["canvas"], manifest["fine_detail"]["small_canvas"]) == (96, 32)
     assert (
         vlm_main(["data", "synth", "--out", str(tmp_path), "--n", "8", "--fine-detail", "40", "--quiet"]) == 0
     )

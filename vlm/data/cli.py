@@ -166,7 +166,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=0,
         metavar="N",
         help="also write the fine-detail task: N training images of one tiny 5x7 px digit on a large canvas "
-        "(detail_train/detail_eval.jsonl, N // 5 held out); readable only with anyres tiling (default 0: off)",
+        "(detail_train/detail_eval.jsonl, N // 5 held out; detail_small_train.jsonl: N // 2 at 32 px, a "
+        "curriculum); readable only with anyres tiling (default 0: off)",
     )
     p.add_argument(
         "--fine-detail-size",

@@ -1,15 +1,22 @@
 """The fine-detail task (issue 19): a large canvas holding one tiny digit, whose identity is the answer.
 
-The digit is a 5x7 px bitmap glyph (1 px strokes) at the same place in a random cell of an 8 px grid, like one
-character printed on a form, on a `size` x `size` canvas (default 96). The cells are those of the middle third:
-under `anyres` with a 3x3 grid of 32 px tiles that is the centre tile, at the canvas' native resolution, where
-one patch of the tiny tower holds the whole glyph. (At arbitrary pixel offsets a 2-layer tower's patches split
+The digit is a 5x7 px bitmap glyph (1 px strokes) at the same place in one of the 2x2 cells of an 8 px grid
+around the canvas centre, like one character printed on a form, on a `size` x `size` canvas (default 96). Under
+`anyres` with a 3x3 grid of 32 px tiles those cells lie in the centre tile, at the canvas' native resolution,
+where one patch of the tiny tower holds the whole glyph. (With the 16 cells of the whole centre tile the tiny
+LLM stayed at chance through 800 detail-only steps; with 4 it learns: BENCHMARKS.md, "High resolution".) (At arbitrary pixel offsets a 2-layer tower's patches split
 the strokes: a linear probe of its frozen features reads 22% of digits there, 100% in the grid.) Resized to the
 tower's 32 px (the `single` policy) the glyph is a 2 px smudge. The ink and the background brightness vary per
 image, so the amount of ink does not give the digit away.
 
 Training and held-out images come from separate seed streams, as in the other worlds; the records are
 short-answer VQA (`question_type: digit`), so `vlm eval --task vqa` scores them with their own slice.
+
+`detail_small_train` is a curriculum source: the same digits on a 32 px canvas, the tiny tower's own size, so
+each glyph is readable in one crop. Trained beside it, the LLM learns what a digit's patch means from 16 tokens
+and then finds it among the 163 of a tiled 96 px canvas; without it, it stayed at chance through 800 steps
+(BENCHMARKS.md, "High resolution"). Nothing is evaluated at 32 px: under `single` the small digits are learned
+too, and the 96 px ones stay unreadable.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from tqdm import tqdm
 from . import synth_text as text
 
 DEFAULT_SIZE = 96
+SMALL_SIZE = 32  # the curriculum canvas: the tiny tower's input size
 GLYPH_W, GLYPH_H = 5, 7
 QUESTION_TYPE = "digit"
 DIGITS = tuple("0123456789")
-FILES = ("detail_train", "detail_eval")
+FILES = ("detail_train", "detail_eval", "detail_small_train")
 IMAGE_DIR = "images/detail"
 
 # Classic 5x7 dot-matrix digits, one string of 5 columns per row ("#": ink).
@@ -70,11 +78,9 @@ def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, 
     background = rng.randint(200, 255)
     ink = rng.randint(0, 90)
     image = Image.new("RGB", (size, size), (background,) * 3)
-    lo, hi = -(-size // 3 // CELL), (2 * size // 3) // CELL  # the cells of the middle third
-    if hi <= lo:  # a canvas too small to have a middle third of whole cells: anywhere
-        lo, hi = 0, size // CELL
-    x = CELL * rng.randrange(lo, hi) + 1  # the same place in every cell, as a font's character box
-    y = CELL * rng.randrange(lo, hi)
+    centre = size // 2 // CELL  # one of the 2x2 cells around the canvas centre
+    x = CELL * rng.randrange(centre - 1, centre + 1) + 1  # the same place in every cell, as a font's box
+    y = CELL * rng.randrange(centre - 1, centre + 1)
     pixels = image.load()
     for row, line in enumerate(_FONT[digit]):
         for col, cell in enumerate(line):
@@ -127,27 +133,30 @@ def generate(
     _check_args(n, n_eval, size)
     root = Path(root)
     paths = {name: root / f"{name}.jsonl" for name in FILES}
-    with tqdm(total=n + n_eval, desc="fine-detail images", unit="img", disable=not progress) as bar:
-        for split, count in (("train", n), ("eval", n_eval)):
+    n_small = max(1, n // 2)
+    splits = (("train", n, size), ("eval", n_eval, size), ("small_train", n_small, SMALL_SIZE))
+    with tqdm(total=n + n_eval + n_small, desc="fine-detail images", unit="img", disable=not progress) as bar:
+        for split, count, side in splits:
             (root / IMAGE_DIR / split).mkdir(parents=True, exist_ok=True)
             lines = []
             for i in range(count):
-                record, image = _record(split, i, size, _rng(seed, split, i))
+                record, image = _record(split, i, side, _rng(seed, split, i))
                 image.save(root / record["image"], format="PNG")
                 lines.append(json.dumps(record, ensure_ascii=False))
                 bar.update(1)
             paths[f"detail_{split}"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _add_to_manifest(root / "manifest.json", n, n_eval, size)
+    _add_to_manifest(root / "manifest.json", {f"detail_{s}": count for s, count, _ in splits}, size)
     return paths
 
 
-def _add_to_manifest(path: Path, n: int, n_eval: int, size: int) -> None:
+def _add_to_manifest(path: Path, counts: dict[str, int], size: int) -> None:
     manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     files = manifest.setdefault("files", {})
-    files["detail_train"] = {"path": "detail_train.jsonl", "records": n}
-    files["detail_eval"] = {"path": "detail_eval.jsonl", "records": n_eval}
+    for name, count in counts.items():
+        files[name] = {"path": f"{name}.jsonl", "records": count}
     manifest["fine_detail"] = {
         "canvas": size,
+        "small_canvas": SMALL_SIZE,
         "glyph": [GLYPH_W, GLYPH_H],
         "answers": list(DIGITS),
         "questions": list(QUESTIONS),
