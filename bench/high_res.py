@@ -7,7 +7,7 @@ Every arm is the same recipe on the same data, only the image policy (and connec
   init     `vlm init --tower runs/stage0/final --llm runs/lm/final` (make stage0 lm: the demo's pretrained parts)
   stage1   stages/stage1.yaml on the captions (max_length 256: a 64 px scene under anyres is 82 tokens)
   stage2   bench/high_res_stage2.yaml: short-answer VQA, yes/no, multi-image and fine-detail digit questions
-  eval     `vlm eval --task vqa` on detail_eval.jsonl (one 5x7 px digit on a 96 px canvas), vqa_eval.jsonl and
+  eval     `vlm eval --task vqa` on detail_eval.jsonl (one noisy 5x7 px digit on a 128 px canvas), vqa_eval.jsonl and
            multi_eval.jsonl (2 and 4 images)
 Each step is skipped when its output exists, so a rerun resumes. The data is `vlm data synth --n 6000
 --fine-detail 8000` (made when --data has none). The table goes to stdout and, with --out, to a markdown file.
@@ -32,7 +32,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 VLM = [sys.executable, "-m", "vlm.cli"]
 TOWER, LLM = "runs/stage0/final", "runs/lm/final"
-GRIDS = "1x1,2x2,3x3"  # a 32 px scene: 1x1; 48-64 px: 2x2; the 96 px digit canvas: 3x3 at native resolution
+GRIDS = (
+    "1x1,2x2,3x3,4x4"  # a 32 px scene: 1x1; 48-64 px: 2x2; the 128 px digit canvas: 4x4 at native resolution
+)
 ARMS = {  # name -> vlm init options after --connector
     "single-mlp": ["--connector", "mlp"],
     "anyres-mlp": ["--connector", "mlp", "--image-policy", "anyres", "--grids", GRIDS],
@@ -113,14 +115,19 @@ def evaluate(arm: str, work: Path, data: Path, engine: str) -> dict[str, dict]:
     return reports
 
 
-def cost(arm: str, work: Path) -> dict[str, float]:
-    """Visual tokens, KV MiB and measured encoder / prefill ms for a 96 px digit canvas and a 64 px scene."""
+def canvas(data: Path) -> int:
+    """The fine-detail canvas side the data was made with."""
+    return json.loads((data / "manifest.json").read_text())["fine_detail"]["canvas"]
+
+
+def cost(arm: str, work: Path, side: int) -> dict[str, float]:
+    """Visual tokens, KV MiB and measured encoder / prefill ms for a digit canvas and a 64 px scene."""
     from vlm.budget import measure
 
     ckpt = work / arm / "stage2/final"
     row = {}
-    for key, side in (("detail", 96), ("scene", 64)):
-        m = measure(str(ckpt), side, side, threads=1)  # 2 threads on a shared 2-core box measure contention
+    for key, px in (("detail", side), ("scene", 64)):
+        m = measure(str(ckpt), px, px, threads=1)  # 2 threads on a shared 2-core box measure contention
         row[f"{key}_tokens"] = m.visual_tokens
         row[f"{key}_kv_mib"] = m.kv_mib
         row[f"{key}_encoder_ms"] = m.encoder_ms
@@ -129,12 +136,13 @@ def cost(arm: str, work: Path) -> dict[str, float]:
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], side: int) -> str:
+    px = f"{side} px"
     head = (
         "| arm | digit acc | digit, held-out phrasing | VQA overall | "
         + " | ".join(VQA_SLICES)
-        + " | multi-image 2 / 4 images | tokens 96 px / 64 px | KV MiB 96 px | encoder ms 96 px | prefill ms 96 px | requests / KV budget "
-        "| stage 1 + 2 min |"
+        + f" | multi-image 2 / 4 images | tokens {px} / 64 px | KV MiB {px} | encoder ms {px} | prefill ms {px} "
+        "| requests / KV budget | stage 1 + 2 min |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -173,15 +181,16 @@ def main() -> int:
         if not (ROOT / part / "config.json").is_file():
             ap.error(f"{part} is missing: run `make stage0 lm` first (the demo's pretrained tower and LLM)")
     ensure_data(args.data)
+    side = canvas(args.data)
     rows = []
     for arm in arms:
         times = train_arm(arm, args.work, args.data)
         reports = evaluate(arm, args.work, args.data, args.engine)
-        rows.append({"arm": arm, "times": times, **reports, **cost(arm, args.work)})
+        rows.append({"arm": arm, "times": times, **reports, **cost(arm, args.work, side)})
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"`python bench/high_res.py --arms {','.join(arms)} --engine {args.engine}`, {stamp}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table(rows)}\n"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table(rows, side)}\n"
     )
     print(text)
     if args.out:

@@ -53,6 +53,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
                     args.fine_detail,
                     args.seed,
                     size=args.fine_detail_size,
+                    noise=args.fine_detail_noise,
                     progress=not args.quiet,
                 )
             )
@@ -173,7 +174,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--fine-detail-size",
         type=int,
         default=fine_detail.DEFAULT_SIZE,
-        help=f"the fine-detail canvas side in px (default {fine_detail.DEFAULT_SIZE}: a 3x3 grid of 32 px tiles)",
+        help=f"the fine-detail canvas side in px (default {fine_detail.DEFAULT_SIZE}: a 4x4 grid of 32 px tiles)",
+    )
+    p.add_argument(
+        "--fine-detail-noise",
+        type=float,
+        default=fine_detail.DEFAULT_NOISE,
+        help=f"grey Gaussian pixel noise on the fine-detail canvases, std in 0-255 units (default "
+        f"{fine_detail.DEFAULT_NOISE:g}: averaging 4x4 px buries the glyph, native tiles keep it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)

@@ -28,8 +28,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import synth_text as text
+from .scene_graph import add_noise
 
-DEFAULT_SIZE = 96
+DEFAULT_SIZE = 128
+DEFAULT_NOISE = 20.0  # grey-level std: the strokes stay clear at native resolution, not once averaged 4x4
 SMALL_SIZE = 32  # the curriculum canvas: the tiny tower's input size
 GLYPH_W, GLYPH_H = 5, 7
 QUESTION_TYPE = "digit"
@@ -72,8 +74,11 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"fine-detail/{seed}/{split}/{index}")
 
 
-def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, tuple[int, int]]:
-    """A size x size canvas with `digit` drawn once at a random place; returns it and the glyph's top left."""
+def draw_digit(
+    digit: str, size: int, rng: random.Random, noise: float = DEFAULT_NOISE
+) -> tuple[Image.Image, tuple[int, int]]:
+    """A size x size canvas with `digit` drawn once at a random place and grey pixel noise of std `noise`;
+    returns it and the glyph's top left."""
     background = rng.randint(200, 255)
     ink = rng.randint(0, 90)
     image = Image.new("RGB", (size, size), (background,) * 3)
@@ -85,12 +90,12 @@ def draw_digit(digit: str, size: int, rng: random.Random) -> tuple[Image.Image, 
         for col, cell in enumerate(line):
             if cell == "#":
                 pixels[x + col, y + row] = (ink,) * 3
-    return image, (x, y)
+    return add_noise(image, noise, rng.randrange(2**31), grey=True), (x, y)
 
 
-def _record(split: str, index: int, size: int, rng: random.Random) -> tuple[dict, Image.Image]:
+def _record(split: str, index: int, size: int, noise: float, rng: random.Random) -> tuple[dict, Image.Image]:
     digit = rng.choice(DIGITS)
-    image, (x, y) = draw_digit(digit, size, rng)
+    image, (x, y) = draw_digit(digit, size, rng, noise)
     heldout = split == "eval" and rng.random() < 0.5
     question = rng.choice(HELDOUT_QUESTIONS if heldout else QUESTIONS)
     rid = f"detail-{split}-{index:06d}"
@@ -110,12 +115,14 @@ def _record(split: str, index: int, size: int, rng: random.Random) -> tuple[dict
     return record, image
 
 
-def _check_args(n: int, n_eval: int, size: int) -> None:
+def _check_args(n: int, n_eval: int, size: int, noise: float) -> None:
     for name, value in (("--fine-detail", n), ("fine-detail eval count", n_eval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive number of images, got {value!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"--fine-detail-size must be an integer >= {MIN_SIZE} px, got {size!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 255:
+        raise ValueError(f"--fine-detail-noise must be a pixel std in 0-255, got {noise!r}")
 
 
 def generate(
@@ -124,12 +131,13 @@ def generate(
     seed: int = 0,
     n_eval: int | None = None,
     size: int = DEFAULT_SIZE,
+    noise: float = DEFAULT_NOISE,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Write n training and n_eval held-out digit images with their records under root, and list the two
     files in root's manifest.json (which `vlm data synth` has written just before). Returns their paths."""
     n_eval = max(1, n // 5) if n_eval is None else n_eval
-    _check_args(n, n_eval, size)
+    _check_args(n, n_eval, size, noise)
     root = Path(root)
     paths = {name: root / f"{name}.jsonl" for name in FILES}
     n_small = max(1, n // 2)
@@ -139,16 +147,17 @@ def generate(
             (root / IMAGE_DIR / split).mkdir(parents=True, exist_ok=True)
             lines = []
             for i in range(count):
-                record, image = _record(split, i, side, _rng(seed, split, i))
+                record, image = _record(split, i, side, noise, _rng(seed, split, i))
                 image.save(root / record["image"], format="PNG")
                 lines.append(json.dumps(record, ensure_ascii=False))
                 bar.update(1)
             paths[f"detail_{split}"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _add_to_manifest(root / "manifest.json", {f"detail_{s}": count for s, count, _ in splits}, size)
+    counts = {f"detail_{s}": count for s, count, _ in splits}
+    _add_to_manifest(root / "manifest.json", counts, size, noise)
     return paths
 
 
-def _add_to_manifest(path: Path, counts: dict[str, int], size: int) -> None:
+def _add_to_manifest(path: Path, counts: dict[str, int], size: int, noise: float) -> None:
     manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     files = manifest.setdefault("files", {})
     for name, count in counts.items():
@@ -157,6 +166,7 @@ def _add_to_manifest(path: Path, counts: dict[str, int], size: int) -> None:
         "canvas": size,
         "small_canvas": SMALL_SIZE,
         "glyph": [GLYPH_W, GLYPH_H],
+        "noise": noise,
         "answers": list(DIGITS),
         "questions": list(QUESTIONS),
         "heldout_questions": list(HELDOUT_QUESTIONS),

@@ -177,11 +177,17 @@ def draw_graph(graph: dict[str, Any]) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for obj in graph["objects"]:
         _draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
-    if graph["noise"] > 0:
-        pixels = np.asarray(img, dtype=np.float32)
-        pixels += np.random.default_rng(graph["noise_seed"]).normal(0.0, graph["noise"], pixels.shape)
-        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    return img
+    return add_noise(img, graph["noise"], graph["noise_seed"])
+
+
+def add_noise(img: Image.Image, std: float, seed: int, grey: bool = False) -> Image.Image:
+    """Gaussian pixel noise of `std` (0-255 units), drawn from `seed`; `grey` uses one draw for R, G and B."""
+    if std <= 0:
+        return img
+    pixels = np.asarray(img, dtype=np.float32)
+    shape = pixels.shape[:2] + (1,) if grey else pixels.shape
+    pixels = pixels + np.random.default_rng(seed).normal(0.0, std, shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def relation(a: dict[str, Any], b: dict[str, Any], rel: str, side: int) -> bool | None:
