@@ -1,21 +1,27 @@
 """The fine-detail task (issue 19): a large canvas holding one tiny digit, whose identity is the answer.
 
 The digit is a 5x7 px bitmap glyph (1 px strokes) at the same place in one of the 2x2 cells of an 8 px grid
-around the canvas centre, like one character printed on a form, on a `size` x `size` canvas (default 96). Under
-`anyres` with a 3x3 grid of 32 px tiles those cells lie in the centre tile, at the canvas' native resolution,
-where one patch of the tiny tower holds the whole glyph. (At arbitrary pixel offsets a 2-layer tower's patches
-split the strokes: a linear probe of its frozen features reads 22% of digits there, 100% in the grid.) Resized to the
-tower's 32 px (the `single` policy) the glyph is a 2 px smudge. The ink and the background brightness vary per
-image, so the amount of ink does not give the digit away.
+around the canvas centre, like one character printed on a form, on a `size` x `size` canvas (default 128) with
+grey Gaussian pixel noise (default std 20). Under `anyres` with a 4x4 grid of 32 px tiles the cells lie at
+the corners of the four middle tiles, at the canvas' native resolution, where one patch of the tiny tower holds
+the whole glyph. (At arbitrary pixel offsets a 2-layer tower's patches split the strokes: a linear probe of its
+frozen features reads 22% of digits there, 100% in the grid.) Resized to the tower's 32 px (the `single`
+policy) the glyph is averaged over 4x4 px blocks. The ink and background levels vary per image, so the amount
+of ink does not give the digit away.
+
+Why the noise: without it the downscaled smudge still holds the digit. A linear probe of the frozen stage-0
+tower read 0.99 of clean 96 px digits through the single resize and 0.86 at 128 px, and the 96 px `single`
+arm learned 0.53 of them in 3 epochs. Averaging 16 pixels shrinks a stroke's contrast 16-fold but the noise
+only 4-fold, so with std 20 the probe reads 0.37 through the resize and 0.96 from the native tile (std 10:
+0.51 / 1.00; std 40: 0.21 / 0.75; BENCHMARKS.md, "High resolution").
 
 Training and held-out images come from separate seed streams, as in the other worlds; the records are
 short-answer VQA (`question_type: digit`), so `vlm eval --task vqa` scores them with their own slice.
 
-`detail_small_train` is a curriculum source: the same digits on a 32 px canvas, the tiny tower's own size, so
-each glyph is readable in one crop. Trained beside it, the LLM learns what a digit's patch means from 16 tokens
-and then finds it among the 163 of a tiled 96 px canvas; without it, it stayed at chance through 530-800 steps,
-with 4 candidate cells or 16 (BENCHMARKS.md, "High resolution"). Nothing is evaluated at 32 px; under `single`
-the small digits are learned too, and the downscaled 96 px ones only in part (0.13-0.53 against anyres' 1.000).
+`detail_small_train` is a curriculum source: the same noisy digits on a 32 px canvas, the tiny tower's own
+size, so each glyph is readable in one crop. Trained beside it, the LLM learns what a digit's patch means from
+16 tokens and then finds it among the many of a tiled canvas; without it, a 96 px canvas stayed at chance
+through 530-800 steps, with 4 candidate cells or 16. Nothing is evaluated at 32 px.
 """
 
 from __future__ import annotations
