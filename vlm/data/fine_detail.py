@@ -9,11 +9,12 @@ frozen features reads 22% of digits there, 100% in the grid.) Resized to the tow
 policy) the glyph is averaged over 4x4 px blocks. The ink and background levels vary per image, so the amount
 of ink does not give the digit away.
 
-Why the noise: without it the downscaled smudge still holds the digit. A linear probe of the frozen stage-0
-tower read 0.99 of clean 96 px digits through the single resize and 0.86 at 128 px, and the 96 px `single`
-arm learned 0.53 of them in 3 epochs. Averaging 16 pixels shrinks a stroke's contrast 16-fold but the noise
-only 4-fold, so with std 20 the probe reads 0.37 through the resize and 0.96 from the native tile (std 10:
-0.51 / 1.00; std 40: 0.21 / 0.75; BENCHMARKS.md, "High resolution").
+Why the noise: without it the downscaled smudge still holds the digit. Probes of the frozen stage-0 tower
+(`bench/detail_probe.py`) read 0.995 of clean 96 px digits through the single resize, and 0.93 (linear) / 0.99
+(MLP) of clean 128 px ones; the 96 px `single` arm learned 0.53 of them in 3 epochs. Averaging 16 pixels shrinks
+a stroke's contrast 16-fold but the noise only 4-fold: with std 20 the probes read 0.40 / 0.36 through the
+resize and 0.96 from the native tile (std 10: 0.52 / 0.995; std 40: 0.25 / 0.84; BENCHMARKS.md, "High
+resolution").
 
 Training and held-out images come from separate seed streams, as in the other worlds; the records are
 short-answer VQA (`question_type: digit`), so `vlm eval --task vqa` scores them with their own slice.
