@@ -32,9 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 VLM = [sys.executable, "-m", "vlm.cli"]
 TOWER, LLM = "runs/stage0/final", "runs/lm/final"
-GRIDS = (
-    "1x1,2x2,3x3,4x4"  # a 32 px scene: 1x1; 48-64 px: 2x2; the 128 px digit canvas: 4x4 at native resolution
-)
+GRIDS = "1x1,2x2,3x3,4x4"  # 32 px scene: 1x1; 48-64 px: 2x2; the 128 px digit canvas: 4x4 (native)
 ARMS = {  # name -> vlm init options after --connector
     "single-mlp": ["--connector", "mlp"],
     "anyres-mlp": ["--connector", "mlp", "--image-policy", "anyres", "--grids", GRIDS],

@@ -186,7 +186,7 @@ def add_noise(img: Image.Image, std: float, seed: int, grey: bool = False) -> Im
         return img
     pixels = np.asarray(img, dtype=np.float32)
     shape = pixels.shape[:2] + (1,) if grey else pixels.shape
-    pixels = pixels + np.random.default_rng(seed).normal(0.0, std, shape)
+    pixels += np.random.default_rng(seed).normal(0.0, std, shape)  # in float32, as scenes always drew it
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
