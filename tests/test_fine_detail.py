@@ -49,13 +49,13 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _sides(name: str) -> int:
+def _side(name: str) -> int:
     return 32 if name == "detail_small_train" else 128  # the curriculum canvas is the tower's size
 
 
 def test_every_answer_is_the_digit_drawn_in_a_centre_cell(detail_dir):
     for name in fine_detail.FILES:
-        side = _sides(name)
+        side = _side(name)
         for rec in _lines(detail_dir / f"{name}.jsonl"):
             image = Image.open(detail_dir / rec["image"])
             assert image.size == (side, side) and rec["image_size"] == side
@@ -85,7 +85,7 @@ def test_the_noise_is_grey_of_the_asked_std_and_only_noise_differs(detail_dir, c
 
 def test_without_noise_the_glyph_is_the_only_thing_drawn(clean_dir):
     for name in fine_detail.FILES:
-        side = _sides(name)
+        side = _side(name)
         for rec in _lines(clean_dir / f"{name}.jsonl"):
             image = Image.open(clean_dir / rec["image"])
             assert _read_glyph(image, rec["glyph_box"]) == rec["conversations"][-1]["value"]
