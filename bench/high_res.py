@@ -1,7 +1,7 @@
 """Image policy x connector -> fine-detail accuracy, ordinary VQA, and what the tokens cost (issue 19).
 
     .venv/bin/python bench/high_res.py [--arms single-mlp,anyres-mlp,anyres-pool2-mlp] [--work runs/high_res]
-        [--data data/hires] [--engine vllm|hf] [--out FILE]
+        [--data data/hires] [--engine vllm|hf] [--seeds 0,1,2] [--out FILE]
 
 Every arm is the same recipe on the same data, only the image policy (and connector) differs:
   init     `vlm init --tower runs/stage0/final --llm runs/lm/final` (make stage0 lm: the demo's pretrained parts)
@@ -9,6 +9,8 @@ Every arm is the same recipe on the same data, only the image policy (and connec
   stage2   bench/high_res_stage2.yaml: short-answer VQA, yes/no, multi-image and fine-detail digit questions
   eval     `vlm eval --task vqa` on detail_eval.jsonl (one noisy 5x7 px digit on a 128 px canvas), vqa_eval.jsonl and
            multi_eval.jsonl (2 and 4 images)
+With several --seeds every arm is trained once per seed (the init and the recipe's `seed`: connector init and data
+order), seed 0 in `WORK/ARM`, seed k in `WORK/ARM-seedk`, and the table adds each arm's mean and range.
 Each step is skipped when its output exists, so a rerun resumes. The data is `vlm data synth --n 6000
 --fine-detail 8000` (made when --data has none). The table goes to stdout and, with --out, to a markdown file.
 The token and KV columns come from `vlm.budget` for the arm's checkpoint; encoder and prefill ms from
@@ -69,14 +71,18 @@ def ensure_data(data: Path) -> None:
         data / "synth.log")  # fmt: skip
 
 
-def train_arm(arm: str, work: Path, data: Path) -> dict[str, float]:
+def arm_dir(work: Path, arm: str, seed: int) -> Path:
+    return work / (arm if seed == 0 else f"{arm}-seed{seed}")
+
+
+def train_arm(arm: str, seed: int, work: Path, data: Path) -> dict[str, float]:
     """init, stage 1, stage 2 for one arm; returns the minutes of each training stage (kept in times.json)."""
-    out = work / arm
+    out = arm_dir(work, arm, seed)
     times_file = out / "times.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
     base = out / "base"
     if not (base / "config.json").is_file():
-        run([*VLM, "init", "--tower", TOWER, "--llm", LLM, *ARMS[arm], "--seed", "0", "--out", str(base)],
+        run([*VLM, "init", "--tower", TOWER, "--llm", LLM, *ARMS[arm], "--seed", str(seed), "--out", str(base)],
             out / "init.log")  # fmt: skip
     stages = [
         ("stage1", "stages/stage1.yaml", base, [f"data=[{data}/caption_train.jsonl]", "max_length=256"]),
@@ -86,7 +92,7 @@ def train_arm(arm: str, work: Path, data: Path) -> dict[str, float]:
         if (out / name / "final/config.json").is_file():
             continue
         print(f"{arm}: {name}", flush=True)
-        cmd = [*VLM, "train", recipe, f"model={model}", f"output_dir={out / name}", *extra]
+        cmd = [*VLM, "train", recipe, f"model={model}", f"output_dir={out / name}", f"seed={seed}", *extra]
         times[name] = run(cmd, out / f"{name}.log") / 60
         times_file.write_text(json.dumps(times, indent=2) + "\n")
     return times
@@ -99,14 +105,15 @@ def _stage2_data(data: Path) -> str:
     return f"data=[{parts}]"
 
 
-def evaluate(arm: str, work: Path, data: Path, engine: str) -> dict[str, dict]:
-    out = work / arm / "eval"
+def evaluate(out: Path, data: Path, engine: str) -> dict[str, dict]:
+    """`vlm eval` of the arm directory `out`'s stage 2 model on each eval file; resumes from the saved reports."""
+    ckpt, out = out / "stage2/final", out / "eval"
     files = {name: data / f"{file}.jsonl" for name, file in EVALS.items()}
     reports = {}
     for name, file in files.items():
         report = out / f"{name}.json"
         if not report.is_file():
-            cmd = [*VLM, "eval", str(work / arm / "stage2/final"), "--engine", engine, "--quiet"]
+            cmd = [*VLM, "eval", str(ckpt), "--engine", engine, "--quiet"]
             cmd += ["--task", "vqa", "--data", str(file), "--out", str(report)]
             run(cmd, out / f"{name}.log")
         reports[name] = json.loads(report.read_text())["slices"]
@@ -118,11 +125,11 @@ def canvas(data: Path) -> int:
     return json.loads((data / "manifest.json").read_text())["fine_detail"]["canvas"]
 
 
-def cost(arm: str, work: Path, side: int) -> dict[str, float]:
+def cost(out: Path, side: int) -> dict[str, float]:
     """Visual tokens, KV MiB and measured encoder / prefill ms for a digit canvas and a 64 px scene."""
     from vlm.budget import measure
 
-    ckpt = work / arm / "stage2/final"
+    ckpt = out / "stage2/final"
     row = {}
     for key, px in (("detail", side), ("scene", 64)):
         m = measure(str(ckpt), px, px, threads=1)  # 2 threads on a shared 2-core box measure contention
@@ -134,32 +141,52 @@ def cost(arm: str, work: Path, side: int) -> dict[str, float]:
     return row
 
 
+def accuracies(r: dict) -> list[float]:
+    """The accuracy columns of one trained arm, in table order."""
+    d, v = r["detail"], r["vqa"]
+    return [
+        d["overall"]["accuracy"],
+        d.get("phrasing=heldout", {}).get("accuracy", float("nan")),
+        v["overall"]["accuracy"],
+        *(v[f"question_type={q}"]["accuracy"] for q in VQA_SLICES),
+        *(r["multi"][f"num_images={k}"]["accuracy"] for k in (2, 4)),
+    ]
+
+
+def _spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def table(rows: list[dict], side: int) -> str:
+    """One line per arm and seed; with several seeds of an arm, a line of its means (and ranges) after them."""
     px = f"{side} px"
     head = (
-        "| arm | digit acc | digit, held-out phrasing | VQA overall | "
+        "| arm | seed | digit acc | digit, held-out phrasing | VQA overall | "
         + " | ".join(VQA_SLICES)
         + f" | multi-image 2 / 4 images | tokens {px} / 64 px | KV MiB {px} | encoder ms {px} | prefill ms {px} "
         "| requests / KV budget | stage 1 + 2 min |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        d, v = r["detail"], r["vqa"]
-        cells = [
-            r["arm"],
-            f"{d['overall']['accuracy']:.3f}",
-            f"{d.get('phrasing=heldout', {}).get('accuracy', float('nan')):.3f}",
-            f"{v['overall']['accuracy']:.3f}",
-            *(f"{v[f'question_type={q}']['accuracy']:.3f}" for q in VQA_SLICES),
-            " / ".join(f"{r['multi'][f'num_images={k}']['accuracy']:.3f}" for k in (2, 4)),
-            f"{r['detail_tokens']} / {r['scene_tokens']}",
-            f"{r['detail_kv_mib']:.2f}",
-            f"{r['detail_encoder_ms']:.1f}",
-            f"{r['detail_prefill_ms']:.1f}",
-            f"{r['detail_requests']}",
-            f"{r['times'].get('stage1', 0) + r['times'].get('stage2', 0):.1f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        group = [r for r in rows if r["arm"] == arm]
+        for r in group:
+            acc = accuracies(r)
+            minutes = r["times"].get("stage1", 0) + r["times"].get("stage2", 0)
+            cells = [arm, str(r["seed"]), *(f"{a:.3f}" for a in acc[:-2]), f"{acc[-2]:.3f} / {acc[-1]:.3f}"]
+            cells += [
+                f"{r['detail_tokens']} / {r['scene_tokens']}",
+                f"{r['detail_kv_mib']:.2f}",
+                f"{r['detail_encoder_ms']:.1f}",
+                f"{r['detail_prefill_ms']:.1f}",
+                f"{r['detail_requests']}",
+                f"{minutes:.1f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(group) > 1:
+            columns = list(zip(*(accuracies(r) for r in group), strict=True))
+            cells = [f"**{arm}**", f"mean of {len(group)}", *(_spread(list(c)) for c in columns[:-2])]
+            cells += [f"{_spread(list(columns[-2]))} / {_spread(list(columns[-1]))}", *[""] * 6]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -169,6 +196,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "runs/high_res")
     ap.add_argument("--data", type=Path, default=ROOT / "data/hires")
     ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (default 0)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -178,16 +206,22 @@ def main() -> int:
     for part in (TOWER, LLM):
         if not (ROOT / part / "config.json").is_file():
             ap.error(f"{part} is missing: run `make stage0 lm` first (the demo's pretrained tower and LLM)")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
     ensure_data(args.data)
     side = canvas(args.data)
     rows = []
     for arm in arms:
-        times = train_arm(arm, args.work, args.data)
-        reports = evaluate(arm, args.work, args.data, args.engine)
-        rows.append({"arm": arm, "times": times, **reports, **cost(arm, args.work, side)})
+        for seed in seeds:
+            times = train_arm(arm, seed, args.work, args.data)
+            out = arm_dir(args.work, arm, seed)
+            reports = evaluate(out, args.data, args.engine)
+            rows.append({"arm": arm, "seed": seed, "times": times, **reports, **cost(out, side)})
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
-        f"`python bench/high_res.py --arms {','.join(arms)} --engine {args.engine}`, {stamp}, "
+        f"`python bench/high_res.py --arms {','.join(arms)} --seeds {args.seeds} --engine {args.engine}`, {stamp}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table(rows, side)}\n"
     )
     print(text)
