@@ -91,7 +91,7 @@ def train_arm(arm: str, seed: int, work: Path, data: Path) -> dict[str, float]:
     for name, recipe, model, extra in stages:
         if (out / name / "final/config.json").is_file():
             continue
-        print(f"{arm}: {name}", flush=True)
+        print(f"{out.name}: {name}", flush=True)
         cmd = [*VLM, "train", recipe, f"model={model}", f"output_dir={out / name}", f"seed={seed}", *extra]
         times[name] = run(cmd, out / f"{name}.log") / 60
         times_file.write_text(json.dumps(times, indent=2) + "\n")
