@@ -169,8 +169,8 @@ def table(rows: list[dict], side: int) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm in dict.fromkeys(r["arm"] for r in rows):
         group = [r for r in rows if r["arm"] == arm]
-        for r in group:
-            acc = accuracies(r)
+        group_acc = [accuracies(r) for r in group]
+        for r, acc in zip(group, group_acc, strict=True):
             minutes = r["times"].get("stage1", 0) + r["times"].get("stage2", 0)
             cells = [arm, str(r["seed"]), *(f"{a:.3f}" for a in acc[:-2]), f"{acc[-2]:.3f} / {acc[-1]:.3f}"]
             cells += [
@@ -183,7 +183,7 @@ def table(rows: list[dict], side: int) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         if len(group) > 1:
-            columns = list(zip(*(accuracies(r) for r in group), strict=True))
+            columns = list(zip(*group_acc, strict=True))
             cells = [f"**{arm}**", f"mean of {len(group)}", *(_spread(list(c)) for c in columns[:-2])]
             cells += [f"{_spread(list(columns[-2]))} / {_spread(list(columns[-1]))}", *[""] * 6]
             lines.append("| " + " | ".join(cells) + " |")
@@ -207,9 +207,11 @@ def main() -> int:
         if not (ROOT / part / "config.json").is_file():
             ap.error(f"{part} is missing: run `make stage0 lm` first (the demo's pretrained tower and LLM)")
     try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
     except ValueError:
-        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers >= 0 such as 0,1,2")
     ensure_data(args.data)
     side = canvas(args.data)
     rows = []
