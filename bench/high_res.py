@@ -12,7 +12,8 @@ Every arm is the same recipe on the same data, only the image policy (and connec
 With several --seeds every arm is trained once per seed (the init and the recipe's `seed`: connector init and data
 order), seed 0 in `WORK/ARM`, seed k in `WORK/ARM-seedk`, and the table adds each arm's mean and range.
 Each step is skipped when its output exists, so a rerun resumes. The data is `vlm data synth --n 6000
---fine-detail 8000` (made when --data has none). The table goes to stdout and, with --out, to a markdown file.
+--fine-detail 8000` (made when --data has none). The table goes to stdout and, with --out, to a markdown file,
+followed by ordinary VQA per question type in seen against held-out phrasings (the pixels against the language).
 The token and KV columns come from `vlm.budget` for the arm's checkpoint; encoder and prefill ms from
 `vlm.budget.measure` on this machine.
 """
@@ -116,8 +117,21 @@ def evaluate(out: Path, data: Path, engine: str) -> dict[str, dict]:
             cmd = [*VLM, "eval", str(ckpt), "--engine", engine, "--quiet"]
             cmd += ["--task", "vqa", "--data", str(file), "--out", str(report)]
             run(cmd, out / f"{name}.log")
-        reports[name] = json.loads(report.read_text())["slices"]
+        full = json.loads(report.read_text())
+        reports[name] = full["slices"]
+        if name == "vqa":
+            reports["vqa_by_phrasing"] = by_phrasing(full["predictions"])
     return reports
+
+
+def by_phrasing(predictions: list[dict]) -> dict[str, float]:
+    """Mean VQA score per "question type/phrasing" (colour/seen, colour/heldout, ...) from a report's predictions:
+    a seen-phrasing slice asks what the pixels cost, a held-out one what the language learned."""
+    groups: dict[str, list[float]] = {}
+    for p in predictions:
+        s = p["slices"]
+        groups.setdefault(f"{s.get('question_type')}/{s.get('phrasing')}", []).append(p["score"])
+    return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
 def canvas(data: Path) -> int:
@@ -190,6 +204,24 @@ def table(rows: list[dict], side: int) -> str:
     return "\n".join(lines)
 
 
+def phrasing_table(rows: list[dict]) -> str:
+    """Ordinary VQA per question type, seen against held-out phrasings; one line per arm and seed, then means."""
+    cols = [f"{q}/{ph}" for q in VQA_SLICES for ph in ("seen", "heldout")]
+    head = "| arm | seed | " + " | ".join(c.replace("/", ", ") for c in cols) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        group = [[r["vqa_by_phrasing"].get(c, float("nan")) for c in cols] for r in rows if r["arm"] == arm]
+        seeds = [r["seed"] for r in rows if r["arm"] == arm]
+        lines += [
+            f"| {arm} | {s} | " + " | ".join(f"{a:.3f}" for a in acc) + " |"
+            for s, acc in zip(seeds, group, strict=True)
+        ]
+        if len(group) > 1:
+            means = [_spread(list(c)) for c in zip(*group, strict=True)]
+            lines.append(f"| **{arm}** | mean of {len(group)} | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
@@ -224,7 +256,8 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"`python bench/high_res.py --arms {','.join(arms)} --seeds {args.seeds} --engine {args.engine}`, {stamp}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table(rows, side)}\n"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table(rows, side)}\n\n"
+        f"Ordinary VQA (vqa_eval) by question type and phrasing:\n\n{phrasing_table(rows)}\n"
     )
     print(text)
     if args.out:
