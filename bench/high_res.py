@@ -206,15 +206,17 @@ def table(rows: list[dict], side: int) -> str:
 
 def phrasing_table(rows: list[dict]) -> str:
     """Ordinary VQA per question type, seen against held-out phrasings; one line per arm and seed, then means."""
-    cols = [f"{q}/{ph}" for q in VQA_SLICES for ph in ("seen", "heldout")]
+    from vlm.data.synth_text import PHRASINGS  # the phrasing names vqa_eval's records carry
+
+    cols = [f"{q}/{ph}" for q in VQA_SLICES for ph in PHRASINGS]
     head = "| arm | seed | " + " | ".join(c.replace("/", ", ") for c in cols) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm in dict.fromkeys(r["arm"] for r in rows):
-        group = [[r["vqa_by_phrasing"].get(c, float("nan")) for c in cols] for r in rows if r["arm"] == arm]
-        seeds = [r["seed"] for r in rows if r["arm"] == arm]
+        members = [r for r in rows if r["arm"] == arm]
+        group = [[r["vqa_by_phrasing"].get(c, float("nan")) for c in cols] for r in members]
         lines += [
-            f"| {arm} | {s} | " + " | ".join(f"{a:.3f}" for a in acc) + " |"
-            for s, acc in zip(seeds, group, strict=True)
+            f"| {arm} | {r['seed']} | " + " | ".join(f"{a:.3f}" for a in acc) + " |"
+            for r, acc in zip(members, group, strict=True)
         ]
         if len(group) > 1:
             means = [_spread(list(c)) for c in zip(*group, strict=True)]
